@@ -1,0 +1,1 @@
+"""The ClientApp: local training and evaluation on one client's data."""

@@ -1,0 +1,57 @@
+"""The ClientApp: train the received model on this client's data, or evaluate it."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.config import RunConfig
+from common.data import Dataset, client_set, load_dataset, load_image_folder
+from common.models import build_teacher
+from common.training import evaluate, setup_compute, train_local
+
+app = ClientApp()
+
+
+def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Dataset:
+    """This node's data: its own folder (edge machine) or its partition of the pool.
+
+    ``partition-id`` / ``num-partitions`` come from the node config when set there
+    (simulation, hand-started SuperNodes), else from the server's assignment.
+    """
+    if node_config.get("data-dir"):
+        return load_image_folder(str(node_config["data-dir"]), load_dataset(config.dataset, config.data_root, config.download))
+    source = node_config if "partition-id" in node_config else message_config
+    return client_set(config, int(source["partition-id"]), int(source["num-partitions"]))
+
+
+def _setup(msg: Message, context: Context):
+    config = RunConfig.from_mapping(context.run_config)
+    data = local_data(config, dict(context.node_config), dict(msg.content["config"]))
+    device = setup_compute(str(context.node_config.get("device", config.device)))
+    model = build_teacher(data.input_shape, data.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return config, data, device, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local SGD from the global weights; reply with new weights and train metrics."""
+    config, data, device, model = _setup(msg, context)
+    started = time.perf_counter()
+    seed = config.seed + 1000 * int(msg.content["config"]["server-round"]) + context.node_id % 1000
+    metrics = train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, seed)
+    metrics.update({"num-examples": len(data), "train-seconds": time.perf_counter() - started})
+    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the global model on this client's data."""
+    _, data, device, model = _setup(msg, context)
+    metrics = {f"local-{k}": v for k, v in evaluate(model, data, device).items()}
+    metrics["num-examples"] = len(data)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,152 @@
+"""The run configuration, parsed and validated once into a typed object.
+
+Flower hands every app a flat ``run_config`` mapping (``[tool.flwr.app.config]``
+plus ``--run-config`` overrides). Server and clients both call
+:func:`RunConfig.from_mapping`, so a bad value stops the run at start with a
+message that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+PARTITIONINGS = ("iid", "dirichlet", "shards")
+DISTILL_MODES = ("off", "global", "ensemble")
+DISTILL_TARGETS = ("student", "global", "both")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _range(lo: float, hi: float = math.inf, lo_open: bool = False):
+    def ok(v: Any) -> bool:
+        return (v > lo if lo_open else v >= lo) and v <= hi
+
+    bound = f"{'>' if lo_open else '>='} {lo}" + ("" if hi == math.inf else f" and <= {hi}")
+    return ok, f"a number {bound}"
+
+
+# key -> (type, (check, what is allowed)). Order = order of RunConfig fields.
+_SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
+    "num-server-rounds": (int, _range(1)),
+    "fraction-train": (float, _range(0, 1, lo_open=True)),
+    "fraction-evaluate": (float, _range(0, 1)),
+    "min-nodes": (int, _range(1)),
+    "local-epochs": (int, _range(1)),
+    "batch-size": (int, _range(1)),
+    "lr": (float, _range(0, lo_open=True)),
+    "dataset": (str, _choice(DATASETS)),
+    "data-root": (str, ((lambda v: v != ""), "a folder path")),
+    "download": (bool, ((lambda v: True), "true or false")),
+    "partitioning": (str, _choice(PARTITIONINGS)),
+    "dirichlet-alpha": (float, _range(0, lo_open=True)),
+    "num-partitions": (int, _range(0)),
+    "seed": (int, _range(0)),
+    "distill": (str, _choice(DISTILL_MODES)),
+    "distill-target": (str, _choice(DISTILL_TARGETS)),
+    "distill-steps": (int, _range(1)),
+    "distill-batch-size": (int, _range(1)),
+    "distill-temperature": (float, _range(0, lo_open=True)),
+    "distill-alpha": (float, _range(0, 1)),
+    "distill-lr": (float, _range(0, lo_open=True)),
+    "proxy-labelled": (bool, ((lambda v: True), "true or false")),
+    "proxy-fraction": (float, _range(0, 0.9, lo_open=True)),
+    "test-fraction": (float, _range(0, 0.9, lo_open=True)),
+    "out-dir": (str, ((lambda v: v != ""), "a folder path")),
+    "round-timeout": (float, _range(0, lo_open=True)),
+    "device": (str, _choice(DEVICES)),
+}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Accept what TOML and ``--run-config`` produce; reject anything else."""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"run config '{key}' = {value!r} has type {type(value).__name__}; "
+        f"expected {kind.__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run; attribute names are the keys with '_' for '-'."""
+
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    dataset: str
+    data_root: str
+    download: bool
+    partitioning: str
+    dirichlet_alpha: float
+    num_partitions: int
+    seed: int
+    distill: str
+    distill_target: str
+    distill_steps: int
+    distill_batch_size: int
+    distill_temperature: float
+    distill_alpha: float
+    distill_lr: float
+    proxy_labelled: bool
+    proxy_fraction: float
+    test_fraction: float
+    out_dir: str
+    round_timeout: float
+    device: str
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Validate ``raw`` (a Flower run config) and build the typed config."""
+        unknown = sorted(set(raw) - set(_SPEC))
+        if unknown:
+            raise ConfigError(
+                f"run config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"known keys: {', '.join(_SPEC)}"
+            )
+        values = {}
+        for key, (kind, (ok, allowed)) in _SPEC.items():
+            if key not in raw:
+                raise ConfigError(f"run config is missing '{key}' ({allowed})")
+            value = _coerce(key, raw[key], kind)
+            if not ok(value):
+                raise ConfigError(f"run config '{key}' = {value!r} is not allowed; use {allowed}")
+            values[key.replace("-", "_")] = value
+        config = cls(**values)
+        if config.proxy_fraction + config.test_fraction >= 1.0:
+            raise ConfigError(
+                f"run config 'proxy-fraction' + 'test-fraction' = "
+                f"{config.proxy_fraction + config.test_fraction:g} leaves no data for "
+                "the clients; their sum must be < 1"
+            )
+        if config.distill != "ensemble" and config.distill_target != "student":
+            raise ConfigError(
+                f"run config 'distill-target' = {config.distill_target!r} needs distill = 'ensemble' "
+                f"(distill = {config.distill!r} can only train the 'student')"
+            )
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The config as Flower run-config keys (for summaries and messages)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,202 @@
+"""Datasets, the three-way split and the client partitions.
+
+Every process (the server and each client) computes the split on its own from
+the run's seed, so nothing but model weights ever crosses the network:
+
+    all examples --seed--> clients' pool | server's proxy set | test set
+    clients' pool --partitioning--> one index array per client
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets, transforms
+
+from common.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole dataset in memory: images as float (N, C, H, W), labels as long."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Dataset(self.name, self.images[idx], self.labels[idx], self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _standardize(images: torch.Tensor) -> torch.Tensor:
+    """Scale [0, 1] images to roughly zero mean, unit range."""
+    return (images - 0.5) / 0.5
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    return Dataset("digits", _standardize(images), labels, tuple(str(c) for c in range(10)))
+
+
+class LocalCIFAR10(datasets.CIFAR10):
+    """CIFAR-10 that trusts batch files already on disk.
+
+    torchvision md5-checks every file; that check guards downloads, and dropping
+    it for local copies lets tests use small files in the real format.
+    """
+
+    train_list = [(name, None) for name, _ in datasets.CIFAR10.train_list]
+    test_list = [(name, None) for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+_TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": LocalCIFAR10}
+
+
+def _load_torchvision(name: str, root: str, download: bool) -> Dataset:
+    """Train and test files of a torchvision dataset, joined: our split decides roles."""
+    try:
+        parts = [_TORCHVISION[name](root, train=train, download=download) for train in (True, False)]
+    except RuntimeError as err:
+        hint = "" if download else " (run with download=true to fetch it)"
+        raise ConfigError(f"dataset '{name}' not found under data-root '{root}'{hint}: {err}") from None
+    images = [torch.as_tensor(np.asarray(p.data)) for p in parts]
+    labels = [torch.as_tensor(np.asarray(p.targets), dtype=torch.long) for p in parts]
+    x = torch.cat(images).float() / 255.0
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # -> (N, C, H, W)
+    return Dataset(name, _standardize(x.contiguous()), torch.cat(labels), tuple(parts[0].classes))
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, root: str = "data", download: bool = False) -> Dataset:
+    """Load a dataset by its run-config name; cached per process."""
+    if name == "digits":
+        return _load_digits()
+    return _load_torchvision(name, root, download)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Disjoint index arrays into one dataset."""
+
+    pool: np.ndarray
+    proxy: np.ndarray
+    test: np.ndarray
+
+
+def split_indices(n: int, proxy_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Shuffle ``range(n)`` with ``seed`` and cut it into pool, proxy and test."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_proxy = int(round(n * test_fraction)), int(round(n * proxy_fraction))
+    return Split(
+        pool=np.sort(order[n_test + n_proxy :]),
+        proxy=np.sort(order[n_test : n_test + n_proxy]),
+        test=np.sort(order[:n_test]),
+    )
+
+
+def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """Positions into ``labels`` for each client, by ``scheme`` (iid | dirichlet | shards)."""
+    if num_partitions < 1 or num_partitions > len(labels):
+        raise ConfigError(
+            f"num-partitions = {num_partitions} is not allowed; use 1..{len(labels)} "
+            "(at most one client per pool example)"
+        )
+    rng = np.random.default_rng(seed + 1)
+    if scheme == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), num_partitions)]
+    if scheme == "dirichlet":
+        return _dirichlet(labels, num_partitions, alpha, rng)
+    if scheme == "shards":
+        return _shards(labels, num_partitions, rng)
+    raise ConfigError(f"partitioning = {scheme!r} is not allowed; use 'iid', 'dirichlet' or 'shards'")
+
+
+def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per class, deal its examples to clients in Dirichlet(alpha) proportions.
+
+    Redraws (up to 100 times) until every client holds at least 2 examples,
+    as in Hsu et al. 2019 / FedDF's code; small alpha means strong label skew.
+    """
+    min_size = min(2, len(labels) // k)
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(k)]
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * k)) * len(members)).astype(int)[:-1]
+            for client, chunk in enumerate(np.split(members, cuts)):
+                parts[client].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            break
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def _shards(labels: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """McMahan et al.'s pathological split: sort by label, 2k shards, 2 per client."""
+    by_label = np.argsort(labels, kind="stable")
+    shards = np.array_split(by_label, 2 * k)
+    order = rng.permutation(2 * k)
+    return [np.sort(np.concatenate([shards[order[2 * i]], shards[order[2 * i + 1]]])) for i in range(k)]
+
+
+def load_image_folder(data_dir: str, like: Dataset) -> Dataset:
+    """An edge client's own data: an ImageFolder tree shaped and labelled like ``like``.
+
+    Sub-folder names must be the dataset's class names (e.g. '0'..'9' for digits);
+    images are converted to the dataset's channels and size.
+    """
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"node config 'data-dir' = {data_dir!r} is not a folder")
+    channels, height, width = like.input_shape
+    steps = [transforms.Resize((height, width)), transforms.ToTensor()]
+    if channels == 1:
+        steps.insert(0, transforms.Grayscale(1))
+    folder = datasets.ImageFolder(data_dir, transform=transforms.Compose(steps))
+    unknown = sorted(set(folder.classes) - set(like.class_names))
+    if unknown:
+        raise ConfigError(
+            f"data-dir {data_dir!r} has class folder(s) {unknown} that dataset '{like.name}' "
+            f"does not know; allowed folder names: {list(like.class_names)}"
+        )
+    remap = [like.class_names.index(c) for c in folder.classes]
+    images = torch.stack([img for img, _ in folder])
+    labels = torch.tensor([remap[t] for t in folder.targets], dtype=torch.long)
+    return Dataset(like.name, _standardize(images), labels, like.class_names)
+
+
+def server_sets(config: RunConfig) -> tuple[Dataset, Dataset]:
+    """The server's proxy set (distillation) and the test set no client sees."""
+    data = load_dataset(config.dataset, config.data_root, config.download)
+    split = split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed)
+    return data.subset(split.proxy), data.subset(split.test)
+
+
+def client_set(config: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
+    """Client ``partition_id``'s share of the clients' pool."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id = {partition_id} is not allowed; use 0..{num_partitions - 1}")
+    data = load_dataset(config.dataset, config.data_root, config.download)
+    pool = split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool
+    parts = partition(data.labels[pool].numpy(), num_partitions, config.partitioning, config.dirichlet_alpha, config.seed)
+    return data.subset(pool[parts[partition_id]])

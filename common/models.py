@@ -1,0 +1,63 @@
+"""The teacher and the compact student: one CNN family at two widths.
+
+Two 3x3 conv layers (padding 1), each followed by ReLU and 2x2 max-pool, then
+two fully connected layers. For 32x32x3 input the teacher is conv 3->64,
+conv 64->128, fc 128*8*8->512, fc 512->10; the student halves the conv widths
+and shrinks the hidden layer to 128. Any (C, H, W) input and class count works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+TEACHER_WIDTHS = (64, 128, 512)
+STUDENT_WIDTHS = (32, 64, 128)
+
+
+class ConvNet(nn.Module):
+    """conv-relu-pool x2, fc-relu, fc."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, int, int]):
+        super().__init__()
+        channels, height, width = input_shape
+        conv1, conv2, hidden = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, conv1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(conv2 * (height // 4) * (width // 4), hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_teacher(input_shape: tuple[int, int, int], num_classes: int) -> ConvNet:
+    """The model clients train and the server averages."""
+    return ConvNet(input_shape, num_classes, TEACHER_WIDTHS)
+
+
+def build_student(input_shape: tuple[int, int, int], num_classes: int) -> ConvNet:
+    """The compact model the server distils for edge inference."""
+    return ConvNet(input_shape, num_classes, STUDENT_WIDTHS)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    parameters: int
+    megabytes: float  # float32 weights
+
+    def __str__(self) -> str:
+        return f"{self.parameters:,} params, {self.megabytes:.2f} MB"
+
+
+def model_size(model: nn.Module) -> ModelSize:
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return ModelSize(params, size / 1e6)

@@ -1,0 +1,151 @@
+"""Start, watch and stop real Flower processes (SuperLink, SuperNodes, `flwr run`).
+
+Used by ``run.sh`` (simulation), the end-to-end tests and the benchmark. Every
+process is started in its own session so that stopping it also stops the
+ServerApp / ClientApp processes it spawned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+@dataclass
+class Ports:
+    """A SuperLink's listening ports: HTTP (control and runtime APIs) and Fleet (gRPC)."""
+
+    http: int = 8000
+    fleet: int = 9092
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.http}"
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: this venv's scripts first on PATH (the
+    SuperLink spawns `flower-superexec`), telemetry and dependency installs off."""
+    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
+
+
+def bin_path(name: str) -> str:
+    """A console script of the running interpreter's environment."""
+    candidate = VENV_BIN / name
+    return str(candidate) if candidate.exists() else name
+
+
+def start(cmd: list[str], log_file: Path, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+def stop(processes: Iterable[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after ``grace`` seconds."""
+    processes = [p for p in processes if p.poll() is None]
+    for p in processes:
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(p, signal.SIGKILL)
+        p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_superlink(flwr_home: Path, ports: Ports, simulation: bool, extra: list[str] = ()) -> subprocess.Popen:
+    """A SuperLink on 127.0.0.1; waits until its HTTP API answers /health."""
+    cmd = [
+        bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(ports.http),
+        "--fleet-api-address", f"127.0.0.1:{ports.fleet}", *extra,
+    ]
+    if simulation:
+        cmd.append("--simulation")
+    process = start(cmd, flwr_home / "superlink.log", flower_env(flwr_home))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {flwr_home / 'superlink.log'}")
+        try:
+            with urllib.request.urlopen(f"http://{ports.address}/health", timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.5)
+    stop([process])
+    raise RuntimeError(f"flower-superlink did not answer on {ports.address} within 60 s")
+
+
+def write_connection(flwr_home: Path, name: str, address: str) -> None:
+    """Make ``name`` the default connection in ``$FLWR_HOME/config.toml``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def flwr_run(
+    flwr_home: Path, connection: str, run_config: str = "", federation_config: str = "",
+    stream: bool = True, app: Path = REPO, echo=print,
+) -> int:
+    """`flwr run` the app; returns the run ID. With ``stream`` it waits for the run to end."""
+    cmd = [bin_path("flwr"), "run", str(app), connection]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    if stream:
+        cmd.append("--stream")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(flwr_home))
+    run_id = None
+    for line in proc.stdout:
+        echo(line.rstrip("\n"))
+        if "Successfully started run" in line:
+            run_id = int(line.split("Successfully started run")[1].split()[0])
+    if proc.wait() != 0 or run_id is None:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode})")
+    return run_id
+
+
+def run_status(flwr_home: Path, connection: str, run_id: int) -> str:
+    """The run's status as `flwr ls` reports it, e.g. 'finished:completed'."""
+    out = subprocess.run(
+        [bin_path("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+        capture_output=True, text=True, env=flower_env(flwr_home), check=True,
+    ).stdout
+    return json.loads(out)["runs"][0]["status"]
+
+
+def wait_finished(flwr_home: Path, connection: str, run_id: int, timeout: float) -> str:
+    """Poll `flwr ls` until the run is finished; returns its final status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run_status(flwr_home, connection, run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s (status {status})")

@@ -1,0 +1,1 @@
+"""The ServerApp: FedAvg rounds, server-side distillation and reporting."""

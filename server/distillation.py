@@ -1,0 +1,197 @@
+"""Knowledge distillation on the server's proxy set (Hinton et al. 2015; FedDF, Lin et al. 2020).
+
+The teacher is fixed during a distillation round, so its logits on the proxy set
+are computed once per round; a step then only runs the learner. Teachers:
+``global``   the FedAvg-aggregated model;
+``ensemble`` the mean logits of this round's client models (FedDF).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flwr.app import ArrayRecord
+
+from common.config import RunConfig
+from common.data import Dataset
+from common.models import build_student, build_teacher
+from common.training import evaluate, predict_logits
+
+EARLY_STOP_EVERY = 20  # steps between checks on the validation slice
+EARLY_STOP_PATIENCE = 3  # checks without improvement before stopping
+VALIDATION_FRACTION = 0.2  # of a labelled proxy set, held out for early stopping
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    alpha: float = 1.0,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels).
+
+    The T^2 factor keeps the soft-target gradients' scale independent of T.
+    Without labels (or with alpha = 1) only the soft-target term remains.
+    """
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean"
+    ) * (t * t)
+    if labels is None or alpha >= 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """FedDF's teacher: the mean of the client models' logits on ``images``."""
+    total, count = None, 0
+    for model in models:
+        logits = predict_logits(model, images, device)
+        total = logits if total is None else total + logits
+        count += 1
+    if total is None:
+        raise ValueError("ensemble_logits needs at least one client model")
+    return total / count
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    steps: int
+    batch_size: int
+    temperature: float
+    alpha: float
+    lr: float
+
+
+class Distiller:
+    """Trains one learner on a teacher's soft targets over the proxy set.
+
+    Given a labelled ``validation`` slice it checks accuracy there every few
+    steps, stops early and keeps the best weights; otherwise the step budget is
+    all there is. The Adam state lives as long as the Distiller, so a student
+    kept across rounds keeps its optimizer too.
+    """
+
+    def __init__(
+        self,
+        learner: nn.Module,
+        proxy_train: Dataset,
+        validation: Dataset | None,
+        settings: DistillSettings,
+        device: torch.device,
+        use_labels: bool,
+        seed: int,
+    ):
+        self.learner = learner.to(device)
+        self.proxy_train = proxy_train
+        self.validation = validation
+        self.settings = settings
+        self.device = device
+        self.use_labels = use_labels
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=settings.lr)
+
+    def distill_round(self, teacher_logits: torch.Tensor) -> dict[str, float]:
+        """Up to ``steps`` Adam steps toward ``teacher_logits`` (one row per proxy-train image)."""
+        s, started = self.settings, time.perf_counter()
+        images = self.proxy_train.images
+        labels = self.proxy_train.labels if self.use_labels else None
+        best_acc, best_state, stale, loss, step = -1.0, None, 0, torch.tensor(0.0), 0
+        for step in range(1, s.steps + 1):
+            idx = torch.randint(len(images), (min(s.batch_size, len(images)),), generator=self.generator)
+            self.learner.train()
+            self.optimizer.zero_grad()
+            loss = distillation_loss(
+                self.learner(images[idx].to(self.device)),
+                teacher_logits[idx].to(self.device),
+                s.temperature,
+                s.alpha,
+                None if labels is None else labels[idx].to(self.device),
+            )
+            loss.backward()
+            self.optimizer.step()
+            if self.validation is not None and (step % EARLY_STOP_EVERY == 0 or step == s.steps):
+                accuracy = evaluate(self.learner, self.validation, self.device)["accuracy"]
+                if accuracy > best_acc:
+                    best_acc, best_state, stale = accuracy, copy.deepcopy(self.learner.state_dict()), 0
+                else:
+                    stale += 1
+                    if stale >= EARLY_STOP_PATIENCE:
+                        break
+        if best_state is not None:
+            self.learner.load_state_dict(best_state)
+        return {"steps": step, "loss": loss.item(), "seconds": time.perf_counter() - started}
+
+
+class ServerDistillation:
+    """What the server does after each aggregation when ``distill`` is not 'off'.
+
+    Holds the student and the proxy set; builds the round's teacher logits
+    (aggregated model or client ensemble), trains the student on them and, for
+    FedDF's ``distill-target`` 'global'/'both', fine-tunes the aggregated model
+    before it goes back to the clients. Client models live only inside ``run``.
+    """
+
+    def __init__(self, config: RunConfig, proxy_set: Dataset, device: torch.device):
+        self.config = config
+        self.device = device
+        self.settings = DistillSettings(
+            config.distill_steps, config.distill_batch_size, config.distill_temperature,
+            config.distill_alpha, config.distill_lr,
+        )
+        order = np.random.default_rng(config.seed).permutation(len(proxy_set))
+        n_val = int(len(proxy_set) * VALIDATION_FRACTION) if config.proxy_labelled else 0
+        self.validation = proxy_set.subset(np.sort(order[:n_val])) if n_val else None
+        self.proxy_train = proxy_set.subset(np.sort(order[n_val:]))
+        self.shape, self.num_classes = proxy_set.input_shape, proxy_set.num_classes
+        self.student_distiller = (
+            self._distiller(build_student(self.shape, self.num_classes))
+            if config.distill_target in ("student", "both")
+            else None
+        )
+
+    @property
+    def student(self) -> nn.Module | None:
+        """The compact model, when this run trains one."""
+        return self.student_distiller.learner if self.student_distiller else None
+
+    def _distiller(self, learner: nn.Module) -> Distiller:
+        return Distiller(
+            learner, self.proxy_train, self.validation, self.settings, self.device,
+            self.config.proxy_labelled, self.config.seed,
+        )
+
+    def _teacher_model(self, arrays: ArrayRecord) -> nn.Module:
+        model = build_teacher(self.shape, self.num_classes)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model
+
+    def teacher_logits(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> torch.Tensor:
+        """This round's soft-target source on the proxy-train images."""
+        images = self.proxy_train.images
+        if self.config.distill == "ensemble":
+            return ensemble_logits((self._teacher_model(a) for a in client_arrays), images, self.device)
+        return predict_logits(self._teacher_model(global_arrays), images, self.device)
+
+    def run(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> tuple[ArrayRecord, dict]:
+        """Distil this round; returns the (possibly fine-tuned) global model and timings."""
+        started = time.perf_counter()
+        logits = self.teacher_logits(global_arrays, client_arrays)
+        stats: dict = {}
+        if self.config.distill_target in ("global", "both"):
+            fused = self._teacher_model(global_arrays)
+            stats["global"] = self._distiller(fused).distill_round(logits)
+            global_arrays = ArrayRecord(fused.cpu().state_dict())
+        if self.student_distiller is not None:
+            stats["student"] = self.student_distiller.distill_round(logits)
+        stats["seconds"] = time.perf_counter() - started
+        return global_arrays, stats

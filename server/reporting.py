@@ -1,0 +1,99 @@
+"""Per-round test metrics, checkpoints and the end-of-run summary.
+
+Everything lands in ``<out-dir>/<run-id>/``: ``metrics.jsonl`` (a line per
+round, round 0 = the initial models), ``global.safetensors`` and
+``student.safetensors`` (rewritten each round), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common import log
+from safetensors.torch import save_file
+from torch import nn
+
+from common.config import RunConfig
+from common.data import Dataset
+from common.models import model_size
+from common.training import evaluate
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+class RunReport:
+    """Evaluates teacher and student on the test set each round and writes the run's files."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, test_set: Dataset, device: torch.device):
+        self.config = config
+        self.run_dir = run_dir
+        self.test_set = test_set
+        self.device = device
+        self.rows: list[dict] = []
+        self.started = time.perf_counter()
+        run_dir.mkdir(parents=True, exist_ok=False)
+
+    def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict) -> MetricRecord:
+        """Test both models, append a metrics line, refresh the checkpoints, log one line."""
+        row = {"round": server_round, "teacher": evaluate(teacher, self.test_set, self.device)}
+        if student is not None:
+            row["student"] = evaluate(student, self.test_set, self.device)
+        row.update(stats)
+        self.rows.append(row)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        save_checkpoint(teacher, self.run_dir / "global.safetensors")
+        if student is not None:
+            save_checkpoint(student, self.run_dir / "student.safetensors")
+        log(INFO, "%s", self.progress_line(row))
+        flat = {f"teacher-{k}": v for k, v in row["teacher"].items()}
+        flat.update({f"student-{k}": v for k, v in row.get("student", {}).items()})
+        return MetricRecord(flat)
+
+    def progress_line(self, row: dict) -> str:
+        line = f"round {row['round']}/{self.config.num_server_rounds}  teacher acc {row['teacher']['accuracy']:.3f}"
+        if "student" in row:
+            line += f"  student acc {row['student']['accuracy']:.3f}"
+        if "train-seconds" in row:
+            line += f"  | train {row['train-seconds']:.1f}s"
+        if "distill" in row:
+            line += f"  distill {row['distill']['seconds']:.1f}s"
+        return line
+
+    def finish(self, teacher: nn.Module, student: nn.Module | None, extra: dict | None = None) -> dict:
+        """Write summary.json and log the summary table; returns the summary."""
+        last = self.rows[-1]
+        summary = {
+            "rounds": last["round"],
+            "seconds": round(time.perf_counter() - self.started, 2),
+            "teacher": {**last["teacher"], **vars(model_size(teacher))},
+            "config": self.config.to_mapping(),
+            **(extra or {}),
+        }
+        if student is not None:
+            summary["student"] = {**last["student"], **vars(model_size(student))}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for line in summary_table(summary).splitlines():
+            log(INFO, "%s", line)
+        log(INFO, "outputs in %s", self.run_dir)
+        return summary
+
+
+def summary_table(summary: dict) -> str:
+    """The end-of-run table: one row per model."""
+    header = f"{'model':<8} {'test acc':>8} {'test loss':>9} {'params':>10} {'MB':>6}"
+    lines = [f"fl-distill: {summary['rounds']} rounds in {summary['seconds']:.0f}s", header, "-" * len(header)]
+    for name in ("teacher", "student"):
+        if name in summary:
+            m = summary[name]
+            lines.append(
+                f"{name:<8} {m['accuracy']:>8.4f} {m['loss']:>9.4f} {m['parameters']:>10,} {m['megabytes']:>6.2f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The ServerApp: FedAvg rounds, distillation on the proxy set, and the run's outputs."""
+
+from __future__ import annotations
+
+import sys
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, RunConfig
+from common.data import server_sets
+from common.models import build_student, build_teacher, model_size
+from common.training import setup_compute
+from server.distillation import ServerDistillation
+from server.reporting import RunReport
+from server.strategy import DistillFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        device = setup_compute(config.device)
+        proxy_set, test_set = server_sets(config)
+    except ConfigError as err:
+        log(ERROR, "fl-distill: %s", err)
+        # Fail the run (status finished:failed) with the message alone: this
+        # process ends here, and a stack trace would only bury the bad value.
+        sys.tracebacklimit = 0
+        raise
+    run(grid, config, context.run_id, device, proxy_set, test_set)
+
+
+def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
+    teacher = build_teacher(test_set.input_shape, test_set.num_classes)
+    log(INFO, "fl-distill: %s, teacher %s, student %s, proxy set %d, test set %d, device %s",
+        config.dataset, model_size(teacher), model_size(build_student(test_set.input_shape, test_set.num_classes)),
+        len(proxy_set), len(test_set), device)
+    distillation = ServerDistillation(config, proxy_set, device) if config.distill != "off" else None
+    strategy = DistillFedAvg(
+        distillation,
+        num_partitions=config.num_partitions,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_nodes,
+        min_evaluate_nodes=min(config.min_nodes, 1 if config.fraction_evaluate else 0),
+        min_available_nodes=config.min_nodes,
+    )
+    report = RunReport(config, Path(config.out_dir) / str(run_id), test_set, device)
+    student = distillation.student if distillation else None
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord):
+        teacher.load_state_dict(arrays.to_torch_state_dict())
+        return report.record_round(server_round, teacher, student, strategy.round_stats.get(server_round, {}))
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(teacher.state_dict()),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        evaluate_fn=evaluate_round,
+    )
+    report.finish(teacher, student)

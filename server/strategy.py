@@ -1,0 +1,79 @@
+"""FedAvg plus server-side distillation, and partitions handed out by the server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.distillation import ServerDistillation
+
+
+class DistillFedAvg(FedAvg):
+    """FedAvg (weights n_i/n via ``num-examples``) that distils after each aggregation.
+
+    Also tells every node which partition of the clients' pool is its own: nodes
+    sorted by ID get 0..n-1, so clients started without a ``partition-id`` in
+    their node config (docker-compose replicas) still train on distinct data.
+    Per-round timings and client metrics land in ``round_stats`` for reporting.
+    """
+
+    def __init__(self, distillation: ServerDistillation | None, num_partitions: int = 0, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        self.distillation = distillation
+        self.num_partitions = num_partitions  # 0: one partition per node connected at round 1
+        self.partition_of: dict[int, int] = {}
+        self.round_stats: dict[int, dict] = {}
+        self._round_started = 0.0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
+        return self._assign_partitions(super().configure_train(server_round, arrays, config, grid), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._assign_partitions(super().configure_evaluate(server_round, arrays, config, grid), grid)
+
+    def _assign_partitions(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
+        """Copy each message with the node's own ``partition-id`` / ``num-partitions``."""
+        messages = list(messages)
+        if messages and not self.partition_of:
+            nodes = sorted(grid.get_node_ids())
+            self.partition_of = {node: i for i, node in enumerate(nodes)}
+            self.num_partitions = self.num_partitions or len(nodes)
+        personalised = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            # A node that joins later shares a partition rather than getting none.
+            partition = self.partition_of.setdefault(node, len(self.partition_of)) % self.num_partitions
+            config = ConfigRecord(dict(message.content[self.configrecord_key]))
+            config["partition-id"], config["num-partitions"] = partition, self.num_partitions
+            content = RecordDict({self.arrayrecord_key: message.content[self.arrayrecord_key], self.configrecord_key: config})
+            personalised.append(Message(content=content, dst_node_id=node, message_type=message.metadata.message_type))
+        return personalised
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the client models, then distil (and maybe fine-tune) on the proxy set."""
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        valid = [r for r in replies if not r.has_error()]
+        stats: dict = {
+            "train-seconds": time.perf_counter() - self._round_started,
+            "failures": len(replies) - len(valid),
+            "clients": [
+                {"node-id": r.metadata.src_node_id, **dict(r.content["metrics"])} for r in valid
+            ],
+        }
+        if arrays is not None and self.distillation is not None:
+            client_arrays = [r.content[self.arrayrecord_key] for r in valid]
+            arrays, stats["distill"] = self.distillation.run(arrays, client_arrays)
+        self.round_stats[server_round] = stats
+        return arrays, metrics

@@ -1,0 +1,27 @@
+"""Shared fixtures: the default run config as pyproject.toml declares it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_run_config() -> dict:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+@pytest.fixture
+def raw_config() -> dict:
+    return default_run_config()
+
+
+@pytest.fixture
+def config(raw_config) -> RunConfig:
+    return RunConfig.from_mapping(raw_config)

@@ -1,0 +1,61 @@
+"""The run config: pyproject defaults parse; bad values stop the run naming key, value and what is allowed."""
+
+import pytest
+
+from common.config import ConfigError, RunConfig
+
+
+def test_defaults_parse_into_typed_config(config):
+    assert config.dataset == "digits"
+    assert config.distill == "global"
+    assert isinstance(config.lr, float) and isinstance(config.num_server_rounds, int)
+    assert RunConfig.from_mapping(config.to_mapping()) == config
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("dataset", "imagenet", "'digits', 'mnist', 'fashion-mnist', 'cifar10'"),
+        ("dirichlet-alpha", -1.0, "> 0"),
+        ("fraction-train", 2.0, "<= 1"),
+        ("partitioning", "random", "'iid', 'dirichlet', 'shards'"),
+        ("distill", "maybe", "'off', 'global', 'ensemble'"),
+        ("distill-temperature", 0.0, "> 0"),
+        ("device", "tpu", "'auto', 'cpu', 'cuda'"),
+        ("num-server-rounds", 0, ">= 1"),
+    ],
+)
+def test_out_of_range_value_names_key_value_and_allowed(raw_config, key, value, allowed):
+    raw_config[key] = value
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping(raw_config)
+    message = str(err.value)
+    assert f"'{key}'" in message and repr(value) in message and allowed in message
+
+
+def test_wrong_type_is_rejected(raw_config):
+    raw_config["local-epochs"] = "three"
+    with pytest.raises(ConfigError, match="'local-epochs' = 'three' has type str; expected int"):
+        RunConfig.from_mapping(raw_config)
+
+
+def test_unknown_and_missing_keys_are_named(raw_config):
+    with pytest.raises(ConfigError, match="unknown key.*'learning-rate'"):
+        RunConfig.from_mapping({**raw_config, "learning-rate": 0.1})
+    del raw_config["seed"]
+    with pytest.raises(ConfigError, match="missing 'seed'"):
+        RunConfig.from_mapping(raw_config)
+
+
+def test_fractions_must_leave_data_for_clients(raw_config):
+    raw_config.update({"proxy-fraction": 0.5, "test-fraction": 0.5})
+    with pytest.raises(ConfigError, match="leaves no data for the clients"):
+        RunConfig.from_mapping(raw_config)
+
+
+def test_distill_target_other_than_student_needs_ensemble(raw_config):
+    raw_config.update({"distill": "global", "distill-target": "both"})
+    with pytest.raises(ConfigError, match="'distill-target' = 'both' needs distill = 'ensemble'"):
+        RunConfig.from_mapping(raw_config)
+    raw_config["distill"] = "ensemble"
+    assert RunConfig.from_mapping(raw_config).distill_target == "both"

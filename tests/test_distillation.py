@@ -1,0 +1,107 @@
+"""Distillation: Hinton's loss, FedDF's ensemble teacher, and a student that learns from it."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord
+
+from common.data import server_sets
+from common.models import build_teacher
+from common.training import predict_logits
+from server.distillation import ServerDistillation, distillation_loss, ensemble_logits
+
+
+def test_loss_is_t_squared_kl_of_softened_outputs():
+    torch.manual_seed(0)
+    student, teacher, t = torch.randn(6, 10), torch.randn(6, 10), 4.0
+    p_teacher, p_student = F.softmax(teacher / t, 1), F.softmax(student / t, 1)
+    kl = (p_teacher * (p_teacher.log() - p_student.log())).sum(1).mean()
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(t * t * kl.item(), rel=1e-5)
+
+
+def test_loss_is_zero_when_student_equals_teacher():
+    logits = torch.randn(8, 10)
+    assert distillation_loss(logits, logits.clone(), 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_labels_add_weighted_cross_entropy_only_when_alpha_below_one():
+    torch.manual_seed(1)
+    student, teacher, labels = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    soft = distillation_loss(student, teacher, 2.0)
+    mixed = distillation_loss(student, teacher, 2.0, alpha=0.3, labels=labels)
+    assert mixed.item() == pytest.approx(0.3 * soft.item() + 0.7 * F.cross_entropy(student, labels).item(), rel=1e-5)
+    assert distillation_loss(student, teacher, 2.0, alpha=1.0, labels=labels).item() == pytest.approx(soft.item())
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'client model' whose logits are given by hand."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+def test_ensemble_teacher_is_the_mean_of_client_logits():
+    a = torch.tensor([[1.0, 0.0, -1.0], [2.0, 2.0, 0.0]])
+    b = torch.tensor([[3.0, 0.0, 1.0], [0.0, -2.0, 4.0]])
+    teacher = ensemble_logits([FixedLogits(a), FixedLogits(b)], torch.zeros(2, 1), torch.device("cpu"))
+    assert torch.equal(teacher, torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 2.0]]))
+
+
+@pytest.fixture
+def small_run(config):
+    config = dataclasses.replace(config, distill_steps=60)
+    proxy, test = server_sets(config)
+    torch.manual_seed(0)
+    teacher = build_teacher(proxy.input_shape, proxy.num_classes)
+    return config, proxy, test, ArrayRecord(teacher.state_dict()), teacher
+
+
+def test_with_one_client_ensemble_and_global_teachers_agree(small_run):
+    config, proxy, _, arrays, _ = small_run
+    by_mode = {
+        mode: ServerDistillation(dataclasses.replace(config, distill=mode), proxy, torch.device("cpu")).teacher_logits(arrays, [arrays])
+        for mode in ("global", "ensemble")
+    }
+    assert torch.allclose(by_mode["global"], by_mode["ensemble"])
+
+
+def test_a_distillation_round_moves_the_student_toward_the_teacher(small_run):
+    config, proxy, test, arrays, teacher = small_run
+    distillation = ServerDistillation(config, proxy, torch.device("cpu"))
+    target = predict_logits(teacher, test.images, torch.device("cpu"))
+
+    def gap():
+        return distillation_loss(predict_logits(distillation.student, test.images, torch.device("cpu")), target, 3.0).item()
+
+    before = gap()
+    returned, stats = distillation.run(arrays, [arrays])
+    assert gap() < 0.5 * before  # on images it never trained on
+    assert stats["student"]["steps"] == 60 and stats["seconds"] > 0
+    assert returned is arrays  # target 'student' leaves the global model alone
+
+
+def test_target_global_fine_tunes_the_aggregated_model_on_the_ensemble(small_run):
+    config, proxy, _, arrays, _ = small_run
+    config = dataclasses.replace(config, distill="ensemble", distill_target="global")
+    other = ArrayRecord(build_teacher(proxy.input_shape, proxy.num_classes).state_dict())
+    distillation = ServerDistillation(config, proxy, torch.device("cpu"))
+    returned, stats = distillation.run(arrays, [arrays, other])
+    assert distillation.student is None and "student" not in stats
+    changed = [not torch.equal(torch.tensor(returned[k].numpy()), torch.tensor(arrays[k].numpy()))
+               for k in arrays.keys()]
+    assert any(changed)
+
+
+def test_labelled_proxy_set_stops_early_on_its_validation_slice(small_run):
+    config, proxy, _, arrays, _ = small_run
+    config = dataclasses.replace(config, proxy_labelled=True, distill_alpha=0.5, distill_steps=400)
+    distillation = ServerDistillation(config, proxy, torch.device("cpu"))
+    assert len(distillation.validation) + len(distillation.proxy_train) == len(proxy)
+    _, stats = distillation.run(arrays, [arrays])
+    assert stats["student"]["steps"] < 400
