@@ -2,7 +2,8 @@
 
 Everything lands in ``<out-dir>/<run-id>/``: ``metrics.jsonl`` (a line per
 round, round 0 = the initial models), ``global.safetensors`` and
-``student.safetensors`` (rewritten each round), ``summary.json``.
+``student.safetensors`` (rewritten each round), ``summary.json``, and the
+exported student (``student.pt``, ``student.onnx`` with the onnx extra).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from common.config import RunConfig
 from common.data import Dataset
 from common.models import model_size
 from common.training import evaluate
+from server.export import deployment_report
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
@@ -37,12 +39,15 @@ class RunReport:
         self.test_set = test_set
         self.device = device
         self.rows: list[dict] = []
-        self.started = time.perf_counter()
+        self.started = self.last_recorded = time.perf_counter()
         run_dir.mkdir(parents=True, exist_ok=False)
 
     def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict) -> MetricRecord:
         """Test both models, append a metrics line, refresh the checkpoints, log one line."""
-        row = {"round": server_round, "teacher": evaluate(teacher, self.test_set, self.device)}
+        now = time.perf_counter()
+        row = {"round": server_round, "round-seconds": now - self.last_recorded}
+        self.last_recorded = now
+        row["teacher"] = evaluate(teacher, self.test_set, self.device)
         if student is not None:
             row["student"] = evaluate(student, self.test_set, self.device)
         row.update(stats)
@@ -62,23 +67,25 @@ class RunReport:
         if "student" in row:
             line += f"  student acc {row['student']['accuracy']:.3f}"
         if "train-seconds" in row:
-            line += f"  | train {row['train-seconds']:.1f}s"
+            line += f"  | round {row['round-seconds']:.1f}s: train {row['train-seconds']:.1f}s"
         if "distill" in row:
             line += f"  distill {row['distill']['seconds']:.1f}s"
         return line
 
-    def finish(self, teacher: nn.Module, student: nn.Module | None, extra: dict | None = None) -> dict:
-        """Write summary.json and log the summary table; returns the summary."""
+    def finish(self, teacher: nn.Module, student: nn.Module | None) -> dict:
+        """Export the student, write summary.json, log the summary table; returns the summary."""
         last = self.rows[-1]
         summary = {
             "rounds": last["round"],
             "seconds": round(time.perf_counter() - self.started, 2),
             "teacher": {**last["teacher"], **vars(model_size(teacher))},
             "config": self.config.to_mapping(),
-            **(extra or {}),
         }
         if student is not None:
             summary["student"] = {**last["student"], **vars(model_size(student))}
+            deployment = deployment_report(teacher, student, self.test_set.input_shape, self.run_dir)
+            for name in ("teacher", "student"):
+                summary[name].update(deployment[name])
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for line in summary_table(summary).splitlines():
             log(INFO, "%s", line)
@@ -88,12 +95,16 @@ class RunReport:
 
 def summary_table(summary: dict) -> str:
     """The end-of-run table: one row per model."""
-    header = f"{'model':<8} {'test acc':>8} {'test loss':>9} {'params':>10} {'MB':>6}"
+    header = f"{'model':<8} {'test acc':>8} {'test loss':>9} {'params':>10} {'MB':>6} {'ms/sample':>9}"
     lines = [f"fl-distill: {summary['rounds']} rounds in {summary['seconds']:.0f}s", header, "-" * len(header)]
     for name in ("teacher", "student"):
         if name in summary:
             m = summary[name]
+            latency = f"{m['latency-ms']:>9.3f}" if "latency-ms" in m else f"{'-':>9}"
             lines.append(
-                f"{name:<8} {m['accuracy']:>8.4f} {m['loss']:>9.4f} {m['parameters']:>10,} {m['megabytes']:>6.2f}"
+                f"{name:<8} {m['accuracy']:>8.4f} {m['loss']:>9.4f} {m['parameters']:>10,} {m['megabytes']:>6.2f} {latency}"
             )
+    if "student" in summary:
+        files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary["student"]["files"].values())
+        lines.append(f"student exported: {files}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import sys
 from logging import ERROR, INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -37,6 +38,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
+    torch.manual_seed(config.seed)  # the same seed gives the same initial models
     teacher = build_teacher(test_set.input_shape, test_set.num_classes)
     log(INFO, "fl-distill: %s, teacher %s, student %s, proxy set %d, test set %d, device %s",
         config.dataset, model_size(teacher), model_size(build_student(test_set.input_shape, test_set.num_classes)),

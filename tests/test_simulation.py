@@ -10,10 +10,10 @@ pytestmark = pytest.mark.slow
 CONNECTION = "test-sim"
 
 
-@pytest.fixture
-def superlink(tmp_path):
-    """A simulation SuperLink for one test, stopped afterwards whatever happens."""
-    home = tmp_path / "flwr-home"
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """A simulation SuperLink for this module's runs, stopped afterwards whatever happens."""
+    home = tmp_path_factory.mktemp("flwr-home")
     launch.write_connection(home, CONNECTION, launch.Ports().address)
     process = launch.start_superlink(home, launch.Ports(), simulation=True)
     yield home
@@ -48,3 +48,15 @@ def test_bad_config_stops_the_run_at_start_with_a_clear_message(superlink, tmp_p
     assert "'dataset' = 'imagenet' is not allowed" in log and "'cifar10'" in log
     assert "Traceback" not in log
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "mode", ['distill="off"', 'distill="ensemble" distill-target="student"', 'distill="ensemble" distill-target="both"']
+)
+def test_every_distillation_mode_completes(superlink, tmp_path, mode):
+    out = tmp_path / "out"
+    run_id, status, _ = simulate(superlink, f'{mode} num-server-rounds=1 distill-steps=20 out-dir="{out}"', clients=2)
+    assert status == "finished:completed"
+    summary = json.loads((out / str(run_id) / "summary.json").read_text())
+    assert ("student" in summary) == ("off" not in mode)
+    assert (out / str(run_id) / "student.pt").exists() == ("off" not in mode)
