@@ -29,13 +29,14 @@ PARTITIONINGS = {
     "dir0.1": 'partitioning="dirichlet" dirichlet-alpha=0.1',
 }
 CONNECTION = "fl-distill-bench"
+PORTS = launch.Ports(http=8200, fleet=9292)  # apart from run.sh's and the tests' SuperLinks
 
 
 def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
     """One simulation per (partitioning, method, seed); returns their metrics rows."""
     home = out / "flwr-home"
-    launch.write_connection(home, CONNECTION, launch.Ports().address)
-    superlink = launch.start_superlink(home, launch.Ports(), simulation=True)
+    launch.write_connection(home, CONNECTION, PORTS.address)
+    superlink = launch.start_superlink(home, PORTS, simulation=True)
     results = []
     try:
         for part, part_cfg in PARTITIONINGS.items():

@@ -36,7 +36,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path)
     batch = torch.export.Dim("batch")
     torch.onnx.export(
         model.cpu().eval(), (torch.zeros(2, *input_shape),), str(path),
-        input_names=["images"], output_names=["logits"], dynamic_shapes={"x": {0: batch}}, verbose=False,
+        input_names=["images"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+        external_data=False, verbose=False,  # one self-contained file for the edge device
     )
     return path
 

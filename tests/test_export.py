@@ -61,4 +61,5 @@ def test_onnx_student_predicts_the_same_for_any_batch_size(exported):
     with torch.no_grad():
         np.testing.assert_allclose(logits, student.eval()(images).numpy(), atol=1e-4)
     assert report["student"]["files"]["onnx"]["path"] == "student.onnx"
+    assert sorted(p.name for p in folder.glob("student.onnx*")) == ["student.onnx"]  # weights inside
 
