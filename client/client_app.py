@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import RunConfig
-from common.data import Dataset, client_set, load_dataset, load_image_folder
+from common.data import Dataset, client_set, load_image_folder
 from common.models import build_teacher
 from common.training import evaluate, setup_compute, train_local
 
@@ -22,7 +22,7 @@ def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Da
     (simulation, hand-started SuperNodes), else from the server's assignment.
     """
     if node_config.get("data-dir"):
-        return load_image_folder(str(node_config["data-dir"]), load_dataset(config.dataset, config.data_root, config.download))
+        return load_image_folder(str(node_config["data-dir"]), config.dataset)
     source = node_config if "partition-id" in node_config else message_config
     return client_set(config, int(source["partition-id"]), int(source["num-partitions"]))
 

@@ -160,29 +160,41 @@ def _shards(labels: np.ndarray, k: int, rng: np.random.Generator) -> list[np.nda
     return [np.sort(np.concatenate([shards[order[2 * i]], shards[order[2 * i + 1]]])) for i in range(k)]
 
 
-def load_image_folder(data_dir: str, like: Dataset) -> Dataset:
-    """An edge client's own data: an ImageFolder tree shaped and labelled like ``like``.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# What a client needs to shape its own data like a dataset, without that dataset on disk.
+SHAPES_AND_CLASSES: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
+    "digits": ((1, 8, 8), tuple(str(c) for c in range(10))),
+    "mnist": ((1, 28, 28), tuple(datasets.MNIST.classes)),
+    "fashion-mnist": ((1, 28, 28), tuple(datasets.FashionMNIST.classes)),
+    "cifar10": ((3, 32, 32), CIFAR10_CLASSES),
+}
 
-    Sub-folder names must be the dataset's class names (e.g. '0'..'9' for digits);
-    images are converted to the dataset's channels and size.
+
+def load_image_folder(data_dir: str, dataset: str) -> Dataset:
+    """An edge client's own data: an ImageFolder tree shaped and labelled like ``dataset``.
+
+    Sub-folders are named by class index ('0', '1', ...) or by the dataset's class
+    name; images are converted to the dataset's channels and size. None of the
+    dataset's own files are needed.
     """
     if not Path(data_dir).is_dir():
         raise ConfigError(f"node config 'data-dir' = {data_dir!r} is not a folder")
-    channels, height, width = like.input_shape
+    (channels, height, width), class_names = SHAPES_AND_CLASSES[dataset]
+    label_of = {name: i for i, name in enumerate(class_names)} | {str(i): i for i in range(len(class_names))}
     steps = [transforms.Resize((height, width)), transforms.ToTensor()]
     if channels == 1:
         steps.insert(0, transforms.Grayscale(1))
     folder = datasets.ImageFolder(data_dir, transform=transforms.Compose(steps))
-    unknown = sorted(set(folder.classes) - set(like.class_names))
+    unknown = sorted(set(folder.classes) - set(label_of))
     if unknown:
         raise ConfigError(
-            f"data-dir {data_dir!r} has class folder(s) {unknown} that dataset '{like.name}' "
-            f"does not know; allowed folder names: {list(like.class_names)}"
+            f"data-dir {data_dir!r} has class folder(s) {unknown} that dataset '{dataset}' does not know; "
+            f"name folders 0..{len(class_names) - 1} or {list(class_names)}"
         )
-    remap = [like.class_names.index(c) for c in folder.classes]
+    remap = [label_of[c] for c in folder.classes]
     images = torch.stack([img for img, _ in folder])
     labels = torch.tensor([remap[t] for t in folder.targets], dtype=torch.long)
-    return Dataset(like.name, _standardize(images), labels, like.class_names)
+    return Dataset(dataset, _standardize(images), labels, class_names)
 
 
 def server_sets(config: RunConfig) -> tuple[Dataset, Dataset]:

@@ -86,11 +86,17 @@ def test_missing_dataset_says_where_it_looked_and_how_to_fetch(tmp_path):
 
 
 def test_edge_image_folder_is_shaped_and_labelled_like_the_dataset(tmp_path):
-    digits = load_dataset("digits")
     write_image_folder(tmp_path, ["3", "7"], per_class=2)
-    data = load_image_folder(str(tmp_path), digits)
+    data = load_image_folder(str(tmp_path), "digits")
     assert data.images.shape == (4, 1, 8, 8)
     assert sorted(data.labels.tolist()) == [3, 3, 7, 7]
     write_image_folder(tmp_path, ["cat"], per_class=1)
     with pytest.raises(ConfigError, match=r"class folder\(s\) \['cat'\]"):
-        load_image_folder(str(tmp_path), digits)
+        load_image_folder(str(tmp_path), "digits")
+
+
+def test_edge_folders_may_use_class_names_and_need_no_dataset_files(tmp_path):
+    write_image_folder(tmp_path, ["cat", "9"], per_class=1, size=40)
+    data = load_image_folder(str(tmp_path), "cifar10")
+    assert data.images.shape == (2, 3, 32, 32)
+    assert sorted(data.labels.tolist()) == [3, 9]
