@@ -58,15 +58,18 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, int, int], repeats:
 
 
 def deployment_report(teacher: nn.Module, student: nn.Module, input_shape, run_dir: Path) -> dict:
-    """Export the student; return file sizes and CPU latency of both models."""
-    files = {"torchscript": export_torchscript(student, input_shape, run_dir / "student.pt")}
-    onnx = export_onnx(student, input_shape, run_dir / "student.onnx")
-    if onnx is not None:
-        files["onnx"] = onnx
+    """Export the student; return the files and CPU latency of both models."""
+    files = {
+        "student": {"safetensors": run_dir / "student.safetensors",
+                    "torchscript": export_torchscript(student, input_shape, run_dir / "student.pt"),
+                    "onnx": export_onnx(student, input_shape, run_dir / "student.onnx")},
+        "teacher": {"safetensors": run_dir / "global.safetensors"},
+    }
     return {
-        "student": {
-            "latency-ms": cpu_latency_ms(student, input_shape),
-            "files": {kind: {"path": p.name, "megabytes": p.stat().st_size / 1e6} for kind, p in files.items()},
-        },
-        "teacher": {"latency-ms": cpu_latency_ms(teacher, input_shape)},
+        name: {
+            "latency-ms": cpu_latency_ms(model, input_shape),
+            "files": {kind: {"path": p.name, "megabytes": p.stat().st_size / 1e6}
+                      for kind, p in files[name].items() if p is not None and p.exists()},
+        }
+        for name, model in (("student", student), ("teacher", teacher))
     }

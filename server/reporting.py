@@ -104,7 +104,8 @@ def summary_table(summary: dict) -> str:
             lines.append(
                 f"{name:<8} {m['accuracy']:>8.4f} {m['loss']:>9.4f} {m['parameters']:>10,} {m['megabytes']:>6.2f} {latency}"
             )
-    if "student" in summary:
-        files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary["student"]["files"].values())
-        lines.append(f"student exported: {files}")
+    for name in ("teacher", "student"):
+        if "files" in summary.get(name, {}):
+            files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary[name]["files"].values())
+            lines.append(f"{name} files: {files}")
     return "\n".join(lines)

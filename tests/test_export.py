@@ -10,6 +10,7 @@ import torch
 
 from common.models import build_student, build_teacher
 from server.export import deployment_report
+from server.reporting import save_checkpoint
 
 SHAPE = (1, 8, 8)
 
@@ -26,6 +27,8 @@ assert set(m for m in sys.modules if m.split('.')[0] in ('common', 'server', 'cl
 def exported(tmp_path):
     torch.manual_seed(0)
     student, teacher = build_student(SHAPE, 10), build_teacher(SHAPE, 10)
+    save_checkpoint(student, tmp_path / "student.safetensors")
+    save_checkpoint(teacher, tmp_path / "global.safetensors")
     return student, deployment_report(teacher, student, SHAPE, tmp_path), tmp_path
 
 
@@ -44,9 +47,10 @@ def test_torchscript_student_predicts_the_same_in_a_process_that_imports_only_to
     assert report["student"]["files"]["torchscript"]["megabytes"] > 0
 
 
-def test_report_gives_latency_of_both_models(exported):
+def test_report_gives_latency_and_files_of_both_models(exported):
     _, report, _ = exported
     assert report["student"]["latency-ms"] > 0 and report["teacher"]["latency-ms"] > 0
+    assert report["teacher"]["files"]["safetensors"]["megabytes"] > report["student"]["files"]["safetensors"]["megabytes"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="optional onnx extra not installed")
