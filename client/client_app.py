@@ -15,16 +15,18 @@ from common.training import evaluate, setup_compute, train_local
 app = ClientApp()
 
 
-def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Dataset:
-    """This node's data: its own folder (edge machine) or its partition of the pool.
+def partition_of(node_config: dict, message_config: dict) -> tuple[int, int]:
+    """(partition-id, num-partitions): from the node config when set there
+    (simulation, hand-started SuperNodes), else the server's assignment."""
+    source = node_config if "partition-id" in node_config else message_config
+    return int(source["partition-id"]), int(source["num-partitions"])
 
-    ``partition-id`` / ``num-partitions`` come from the node config when set there
-    (simulation, hand-started SuperNodes), else from the server's assignment.
-    """
+
+def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Dataset:
+    """This node's data: its own folder (edge machine) or its partition of the pool."""
     if node_config.get("data-dir"):
         return load_image_folder(str(node_config["data-dir"]), config.dataset)
-    source = node_config if "partition-id" in node_config else message_config
-    return client_set(config, int(source["partition-id"]), int(source["num-partitions"]))
+    return client_set(config, *partition_of(node_config, message_config))
 
 
 def _setup(msg: Message, context: Context):
@@ -36,13 +38,20 @@ def _setup(msg: Message, context: Context):
     return config, data, device, model
 
 
+def shuffle_seed(config: RunConfig, msg: Message, context: Context) -> int:
+    """Differs per round and client, and repeats with the run's seed (keyed by
+    partition, not by node ID, which is new in every run)."""
+    message_config = dict(msg.content["config"])
+    client = context.node_id if context.node_config.get("data-dir") else partition_of(dict(context.node_config), message_config)[0]
+    return config.seed + 1000 * int(message_config["server-round"]) + client % 1000
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local SGD from the global weights; reply with new weights and train metrics."""
     config, data, device, model = _setup(msg, context)
     started = time.perf_counter()
-    seed = config.seed + 1000 * int(msg.content["config"]["server-round"]) + context.node_id % 1000
-    metrics = train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, seed)
+    metrics = train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, shuffle_seed(config, msg, context))
     metrics.update({"num-examples": len(data), "train-seconds": time.perf_counter() - started})
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
