@@ -28,12 +28,7 @@ def run(home: Path, out: Path, clients: int, rounds: int, simulation: bool) -> l
     processes = [launch.start_superlink(home, PORTS, simulation=simulation)]
     try:
         if not simulation:
-            for i in range(clients):
-                processes.append(launch.start(
-                    [launch.bin_path("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{PORTS.fleet}",
-                     "--port", str(9400 + i), "--node-config", f"partition-id={i} num-partitions={clients}"],
-                    home / f"supernode-{i}.log", launch.flower_env(home),
-                ))
+            processes += launch.start_supernodes(home, PORTS, count=clients, first_runtime_port=9400)
         run_config = f'num-server-rounds={rounds} min-nodes={clients} out-dir="{out}"'
         run_id = launch.flwr_run(home, "overhead", run_config, f"num-supernodes={clients}" if simulation else "",
                                  stream=False, echo=lambda _: None)

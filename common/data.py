@@ -56,7 +56,7 @@ def _load_digits() -> Dataset:
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)
-    return Dataset("digits", _standardize(images), labels, tuple(str(c) for c in range(10)))
+    return Dataset("digits", _standardize(images), labels, SHAPES_AND_CLASSES["digits"][1])
 
 
 class LocalCIFAR10(datasets.CIFAR10):

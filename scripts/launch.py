@@ -100,6 +100,18 @@ def start_superlink(flwr_home: Path, ports: Ports, simulation: bool, extra: list
     raise RuntimeError(f"flower-superlink did not answer on {ports.address} within 60 s")
 
 
+def start_supernodes(flwr_home: Path, ports: Ports, count: int, first_runtime_port: int) -> list[subprocess.Popen]:
+    """``count`` SuperNodes on 127.0.0.1, node i holding partition i of ``count``."""
+    return [
+        start(
+            [bin_path("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
+             "--port", str(first_runtime_port + i), "--node-config", f"partition-id={i} num-partitions={count}"],
+            flwr_home / f"supernode-{i}.log", flower_env(flwr_home),
+        )
+        for i in range(count)
+    ]
+
+
 def write_connection(flwr_home: Path, name: str, address: str) -> None:
     """Make ``name`` the default connection in ``$FLWR_HOME/config.toml``."""
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,7 @@ def federation(tmp_path):
     launch.write_connection(home, CONNECTION, PORTS.address)
     processes = [launch.start_superlink(home, PORTS, simulation=False)]
     try:
-        for i in range(3):
-            processes.append(launch.start(
-                [launch.bin_path("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{PORTS.fleet}",
-                 "--port", str(9200 + i), "--node-config", f"partition-id={i} num-partitions=3"],
-                home / f"supernode-{i}.log", launch.flower_env(home),
-            ))
+        processes += launch.start_supernodes(home, PORTS, count=3, first_runtime_port=9200)
         yield home, processes
     finally:
         launch.stop(processes)
