@@ -1,18 +1,27 @@
-"""What one round costs, split into compute and overhead, in simulation and in deployment.
+"""What one round costs, split into compute and fixed overhead: simulation vs deployment, stock vs warm.
 
-    python -m bench.round_overhead [--clients 3] [--rounds 3]
+    python -m bench.round_overhead [--clients 3] [--rounds 4]
 
-Runs the shipped app twice — Flower's simulation engine, then a SuperLink and
-``--clients`` SuperNodes as separate processes on 127.0.0.1 (gRPC) — and prints,
-per round: wall seconds, the train phase's wall seconds, the slowest client's
-own training seconds, distillation seconds, and the overhead (train phase minus
-slowest client: message transport, ClientApp process start, imports, polling).
+Runs the shipped app three times in one invocation, same seed and config:
+1. Flower's simulation engine;
+2. a SuperLink and ``--clients`` SuperNodes as processes on 127.0.0.1 (gRPC), stock
+   ``flower-supernode``: a fresh ``flwr-clientapp`` process per message;
+3. the same with ``fl-distill-supernode``: warm executor, short polls (``client/``).
+
+Per round it prints wall seconds, the slowest client's compute (its pre-training
+evaluation + local training, as the client measured it), distillation, server
+evaluation (test set + checkpoints), and the **fixed overhead = wall − slowest
+client − distillation − server evaluation**: message transport, process start,
+imports, polls. Then the final teacher accuracy of each mode, and the resident
+memory of each SuperNode with its executor (RSS, and PSS: shared pages split
+between the processes that share them), measured idle after the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -21,46 +30,81 @@ from pathlib import Path
 from scripts import launch
 
 PORTS = launch.Ports(http=8300, fleet=9392)
+MODES = (("simulation", None), ("deployment, subprocess isolation", "subprocess"), ("deployment, warm executor", "warm"))
 
 
-def run(home: Path, out: Path, clients: int, rounds: int, simulation: bool) -> list[dict]:
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MB of ``pid``'s process tree."""
+    rss = pss = 0
+    for p in launch.process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024
+
+
+def run(home: Path, out: Path, clients: int, rounds: int, executor: str | None) -> tuple[list[dict], list[tuple]]:
+    """One run; returns its metrics lines (round 0 included) and each SuperNode's memory."""
     launch.write_connection(home, "overhead", PORTS.address)
-    processes = [launch.start_superlink(home, PORTS, simulation=simulation)]
+    processes = [launch.start_superlink(home, PORTS, simulation=executor is None)]
+    memory = []
     try:
-        if not simulation:
-            processes += launch.start_supernodes(home, PORTS, count=clients, first_runtime_port=9400)
+        if executor:
+            processes += launch.start_supernodes(home, PORTS, count=clients, first_runtime_port=9400, executor=executor)
         run_config = f'num-server-rounds={rounds} min-nodes={clients} out-dir="{out}"'
-        run_id = launch.flwr_run(home, "overhead", run_config, f"num-supernodes={clients}" if simulation else "",
+        run_id = launch.flwr_run(home, "overhead", run_config, "" if executor else f"num-supernodes={clients}",
                                  stream=False, echo=lambda _: None)
         status = launch.wait_finished(home, "overhead", run_id, timeout=1800)
+        memory = [memory_mb(p.pid) for p in processes[1:]]
     finally:
         launch.stop(processes)
     if status != "finished:completed":
-        raise RuntimeError(f"run {run_id} ended {status}")
-    return [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").open()][1:]
+        raise RuntimeError(f"run {run_id} ended {status}; see {home}")
+    return [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").open()], memory
 
 
-def report(name: str, rows: list[dict]) -> None:
+def client_compute(row: dict) -> float:
+    return max(c.get("eval-seconds", 0.0) + c["train-seconds"] for c in row["clients"])
+
+
+def report(name: str, rows: list[dict], memory: list[tuple]) -> dict:
     print(f"\n{name}: seconds per round")
-    print(f"{'round':>5} {'wall':>7} {'train':>7} {'client':>7} {'distill':>7} {'overhead':>8}")
-    overheads = []
-    for r in rows:
-        client = max(c["train-seconds"] for c in r["clients"])
-        overheads.append(r["train-seconds"] - client)
-        print(f"{r['round']:>5} {r['round-seconds']:>7.1f} {r['train-seconds']:>7.1f} {client:>7.2f} "
-              f"{r['distill']['seconds']:>7.1f} {overheads[-1]:>8.1f}")
-    print(f"median overhead of the train phase: {statistics.median(overheads):.1f} s")
+    print(f"{'round':>5} {'wall':>7} {'client':>7} {'distill':>7} {'eval':>6} {'overhead':>8}")
+    overheads, walls = [], []
+    for r in rows[1:]:
+        parts = (client_compute(r), r["distill"]["seconds"], r["server-eval-seconds"])
+        overheads.append(r["round-seconds"] - sum(parts))
+        walls.append(r["round-seconds"])
+        print(f"{r['round']:>5} {r['round-seconds']:>7.2f} {parts[0]:>7.2f} {parts[1]:>7.2f} {parts[2]:>6.2f} {overheads[-1]:>8.2f}")
+    summary = {"wall": statistics.median(walls), "overhead": statistics.median(overheads),
+               "accuracy": rows[-1]["teacher"]["accuracy"]}
+    print(f"median wall {summary['wall']:.2f} s, median fixed overhead {summary['overhead']:.2f} s, "
+          f"final teacher accuracy {summary['accuracy']:.4f}")
+    for i, (rss, pss) in enumerate(memory):
+        print(f"SuperNode {i} with its executor, idle: RSS {rss:.0f} MB, PSS {pss:.0f} MB")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.clients < 1 or args.rounds < 1:
+        parser.error(f"--clients {args.clients} --rounds {args.rounds}: both must be 1 or more")
+    summaries = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, simulation in (("simulation", True), ("deployment (subprocess isolation)", False)):
-            folder = Path(tmp) / name.split()[0]
-            report(name, run(folder / "flwr-home", folder / "out", args.clients, args.rounds, simulation))
+        for i, (name, executor) in enumerate(MODES):
+            folder = Path(tmp) / str(i)
+            rows, memory = run(folder / "flwr-home", folder / "out", args.clients, args.rounds, executor)
+            summaries[name] = report(name, rows, memory)
+    warm, stock = summaries["deployment, warm executor"], summaries["deployment, subprocess isolation"]
+    print(f"\nwarm / subprocess round wall (medians): {warm['wall']:.2f} / {stock['wall']:.2f} = {warm['wall'] / stock['wall']:.2f}")
     return 0
 
 

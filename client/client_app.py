@@ -48,11 +48,18 @@ def shuffle_seed(config: RunConfig, msg: Message, context: Context) -> int:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local SGD from the global weights; reply with new weights and train metrics."""
+    """Evaluate the received global model on the local data, then local SGD from it.
+
+    One message per round: the reply carries the new weights, the train metrics
+    and the received model's local ``eval-loss`` / ``eval-accuracy`` (before
+    training), so no separate evaluate message is needed (``fraction-evaluate=0``).
+    """
     config, data, device, model = _setup(msg, context)
     started = time.perf_counter()
-    metrics = train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, shuffle_seed(config, msg, context))
-    metrics.update({"num-examples": len(data), "train-seconds": time.perf_counter() - started})
+    metrics = {f"eval-{k}": v for k, v in evaluate(model, data, device).items()}
+    evaluated = time.perf_counter()
+    metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, shuffle_seed(config, msg, context)))
+    metrics.update({"num-examples": len(data), "eval-seconds": evaluated - started, "train-seconds": time.perf_counter() - evaluated})
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -100,16 +100,50 @@ def start_superlink(flwr_home: Path, ports: Ports, simulation: bool, extra: list
     raise RuntimeError(f"flower-superlink did not answer on {ports.address} within 60 s")
 
 
-def start_supernodes(flwr_home: Path, ports: Ports, count: int, first_runtime_port: int) -> list[subprocess.Popen]:
+EXECUTORS = ("warm", "subprocess")
+
+
+def supernode_command(executor: str = "warm", extra: tuple[str, ...] = ()) -> list[str]:
+    """How a SuperNode starts: ``warm`` = ``fl-distill-supernode`` (warm executor, short
+    polls; ``client/supernode.py``), ``subprocess`` = stock ``flower-supernode`` (a fresh
+    ``flwr-clientapp`` process per message, Flower's 3 s polls)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor = {executor!r} is not allowed; use one of {EXECUTORS}")
+    if executor == "warm":
+        return [bin_path("fl-distill-supernode"), *extra]
+    return [bin_path("flower-supernode")]
+
+
+def start_supernodes(
+    flwr_home: Path, ports: Ports, count: int, first_runtime_port: int, executor: str = "warm",
+    launcher_options: tuple[str, ...] = (),
+) -> list[subprocess.Popen]:
     """``count`` SuperNodes on 127.0.0.1, node i holding partition i of ``count``."""
     return [
         start(
-            [bin_path("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
+            [*supernode_command(executor, launcher_options), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
              "--port", str(first_runtime_port + i), "--node-config", f"partition-id={i} num-partitions={count}"],
             flwr_home / f"supernode-{i}.log", flower_env(flwr_home),
         )
         for i in range(count)
     ]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
 
 
 def write_connection(flwr_home: Path, name: str, address: str) -> None:

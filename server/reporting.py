@@ -44,19 +44,21 @@ class RunReport:
 
     def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict) -> MetricRecord:
         """Test both models, append a metrics line, refresh the checkpoints, log one line."""
-        now = time.perf_counter()
-        row = {"round": server_round, "round-seconds": now - self.last_recorded}
-        self.last_recorded = now
-        row["teacher"] = evaluate(teacher, self.test_set, self.device)
+        started = time.perf_counter()
+        row = {"round": server_round, "teacher": evaluate(teacher, self.test_set, self.device)}
         if student is not None:
             row["student"] = evaluate(student, self.test_set, self.device)
+        save_checkpoint(teacher, self.run_dir / "global.safetensors")
+        if student is not None:
+            save_checkpoint(student, self.run_dir / "student.safetensors")
+        now = time.perf_counter()
+        row["server-eval-seconds"] = now - started
+        row["round-seconds"] = now - self.last_recorded  # since the previous round's line
+        self.last_recorded = now
         row.update(stats)
         self.rows.append(row)
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-        save_checkpoint(teacher, self.run_dir / "global.safetensors")
-        if student is not None:
-            save_checkpoint(student, self.run_dir / "student.safetensors")
         log(INFO, "%s", self.progress_line(row))
         flat = {f"teacher-{k}": v for k, v in row["teacher"].items()}
         flat.update({f"student-{k}": v for k, v in row.get("student", {}).items()})
@@ -70,6 +72,8 @@ class RunReport:
             line += f"  | round {row['round-seconds']:.1f}s: train {row['train-seconds']:.1f}s"
         if "distill" in row:
             line += f"  distill {row['distill']['seconds']:.1f}s"
+        if "eval-accuracy" in row.get("client-metrics", {}):
+            line += f"  | clients' local acc before training {row['client-metrics']['eval-accuracy']:.3f}"
         return line
 
     def finish(self, teacher: nn.Module, student: nn.Module | None) -> dict:

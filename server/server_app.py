@@ -16,6 +16,7 @@ from common.data import server_sets
 from common.models import build_student, build_teacher, model_size
 from common.training import setup_compute
 from server.distillation import ServerDistillation
+from server.reply_poll import ShortPollGrid
 from server.reporting import RunReport
 from server.strategy import DistillFedAvg
 
@@ -61,7 +62,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         return report.record_round(server_round, teacher, student, strategy.round_stats.get(server_round, {}))
 
     strategy.start(
-        grid=grid,
+        grid=ShortPollGrid(grid, poll_interval=0.1),
         initial_arrays=ArrayRecord(teacher.state_dict()),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,

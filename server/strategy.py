@@ -68,6 +68,7 @@ class DistillFedAvg(FedAvg):
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
             "failures": len(replies) - len(valid),
+            "client-metrics": dict(metrics) if metrics is not None else {},
             "clients": [
                 {"node-id": r.metadata.src_node_id, **dict(r.content["metrics"])} for r in valid
             ],

@@ -1,6 +1,12 @@
-"""End to end: a SuperLink and three SuperNodes as separate OS processes, talking gRPC on 127.0.0.1."""
+"""End to end: a SuperLink and SuperNodes as separate OS processes, talking gRPC on 127.0.0.1,
+each SuperNode with the warm ClientApp executor beside it (``fl-distill-supernode``)."""
 
 import json
+import os
+import re
+import shutil
+import signal
+import time
 
 import pytest
 
@@ -9,29 +15,125 @@ from scripts import launch
 pytestmark = pytest.mark.slow
 PORTS = launch.Ports(http=8100, fleet=9192)  # apart from the defaults a user's own SuperLink may hold
 CONNECTION = "test-deployment"
+TASK_LINE = re.compile(r"fl-distill-executor: task \d+ run (\d+) (\w+): [\d.]+ s, exit (-?\d+), pid (\d+), parent (\d+)")
 
 
-@pytest.fixture
-def federation(tmp_path):
-    """SuperLink + 3 SuperNodes; every process is stopped afterwards, also when the test fails."""
-    home = tmp_path / "flwr-home"
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """SuperLink + 3 warm SuperNodes; every process is stopped afterwards, also when a test fails."""
+    home = tmp_path_factory.mktemp("flwr-home")
     launch.write_connection(home, CONNECTION, PORTS.address)
     processes = [launch.start_superlink(home, PORTS, simulation=False)]
     try:
-        processes += launch.start_supernodes(home, PORTS, count=3, first_runtime_port=9200)
+        processes += launch.start_supernodes(home, PORTS, count=3, first_runtime_port=9200, executor="warm")
         yield home, processes
     finally:
         launch.stop(processes)
 
 
-def test_three_supernodes_run_two_rounds_with_distillation_over_grpc(federation, tmp_path):
+def executor_tasks(home, node: int) -> list[dict]:
+    """The task lines the warm executor of SuperNode ``node`` logged."""
+    log = (home / f"supernode-{node}.log").read_text()
+    return [dict(zip(("run", "type", "exit", "pid", "parent"), m.groups())) for m in TASK_LINE.finditer(log)]
+
+
+def warm_parent(home, node: int) -> int:
+    match = re.search(r"warm parent (\d+) ready", (home / f"supernode-{node}.log").read_text())
+    assert match, f"SuperNode {node}'s executor never got warm"
+    return int(match.group(1))
+
+
+def metrics(out, run_id) -> list[dict]:
+    return [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_three_warm_supernodes_run_two_rounds_with_distillation_over_grpc(federation, tmp_path):
     home, processes = federation
     out = tmp_path / "out"
     run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=2 min-nodes=3 out-dir="{out}"', stream=False)
     assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
-    rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out, run_id)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert len({c["node-id"] for c in rows[2]["clients"]}) == 3
     assert rows[2]["teacher"]["accuracy"] > rows[0]["teacher"]["accuracy"]
     assert "student" in rows[2] and (out / str(run_id) / "student.safetensors").exists()
     assert all(p.poll() is None for p in processes), "a Flower process died during the run"
+
+    # One message per round, and its reply carries the clients' evaluation of the model they received.
+    for row in rows[1:]:
+        assert all({"eval-loss", "eval-accuracy", "train-loss", "num-examples"} <= set(c) for c in row["clients"])
+    assert rows[2]["client-metrics"]["eval-accuracy"] > rows[1]["client-metrics"]["eval-accuracy"]
+
+    # Every ClientApp task ran in a child of that node's warm parent, itself a child of the SuperNode.
+    for node, supernode in enumerate(processes[1:]):
+        parent = warm_parent(home, node)
+        assert parent in launch.process_tree(supernode.pid)
+        tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
+        assert [t["type"] for t in tasks] == ["train", "train"]
+        assert all(t["exit"] == "0" and int(t["parent"]) == parent for t in tasks)
+
+
+def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, tmp_path):
+    """A second FAB (the app with one more client metric) and the evaluate phase turned on."""
+    home, _ = federation
+    app = tmp_path / "app-v2"
+    for part in ("client", "common", "server"):
+        shutil.copytree(launch.REPO / part, app / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(launch.REPO / "pyproject.toml", app / "pyproject.toml")
+    client_app = app / "client" / "client_app.py"
+    source = client_app.read_text()
+    marker = '    metrics.update({"num-examples": len(data),'
+    assert marker in source
+    client_app.write_text(source.replace(marker, '    metrics["app-version"] = 2.0\n' + marker))
+
+    runs = {}
+    for name, app_dir in (("v1", launch.REPO), ("v2", app)):
+        out = tmp_path / name
+        run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=1 min-nodes=3 fraction-evaluate=1.0 out-dir="{out}"',
+                                 stream=False, app=app_dir)
+        assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+        runs[name] = (run_id, metrics(out, run_id)[1]["clients"])
+
+    assert all("app-version" not in c for c in runs["v1"][1])
+    assert all(c["app-version"] == 2.0 for c in runs["v2"][1])
+    for node in range(3):
+        parent = warm_parent(home, node)
+        for run_id, _ in runs.values():
+            tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
+            assert sorted(t["type"] for t in tasks) == ["evaluate", "train"]  # fraction-evaluate > 0 still works
+            assert all(int(t["parent"]) == parent for t in tasks)
+
+
+def test_killing_a_supernode_stops_its_executor_and_leaves_no_orphan(tmp_path):
+    home = tmp_path / "flwr-home"
+    ports = launch.Ports(http=8120, fleet=9232)
+    launch.write_connection(home, "kill-test", ports.address)
+    processes = [launch.start_superlink(home, ports, simulation=False)]
+    try:
+        processes += launch.start_supernodes(home, ports, count=1, first_runtime_port=9240, executor="warm")
+        supernode = processes[1]
+        deadline = time.monotonic() + 180
+        while "ready in" not in (home / "supernode-0.log").read_text():
+            assert time.monotonic() < deadline, "the executor did not get warm within 180 s"
+            assert supernode.poll() is None, "the SuperNode exited"
+            time.sleep(0.5)
+        tree = launch.process_tree(supernode.pid)
+        assert warm_parent(home, 0) in tree and len(tree) >= 3  # SuperNode, executor, warm parent (+ tracker)
+
+        os.kill(supernode.pid, signal.SIGKILL)
+        supernode.wait()
+        deadline = time.monotonic() + 15
+        while alive := [pid for pid in tree if _alive(pid)]:
+            assert time.monotonic() < deadline, f"left running 15 s after the SuperNode was killed: {alive}"
+            time.sleep(0.2)
+    finally:
+        launch.stop(processes)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

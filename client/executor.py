@@ -1,0 +1,240 @@
+"""A warm ClientApp executor: runs a SuperNode's ClientApp tasks in forked, pre-imported processes.
+
+    fl-distill-executor --runtime-api-address HOST:PORT [--insecure | --root-certificates CA]
+                        [--parent-pid PID] [--poll-interval 0.1] [--supernode-timeout 30]
+
+It does the job of Flower's ``flower-superexec`` beside a SuperNode started with
+``--isolation process``: acquire a ClientApp task from the SuperNode's Runtime API
+(``AcquireTask``) and run it. Flower 1.39 starts a fresh ``flwr-clientapp`` process
+per message, which imports flwr, torch and torchvision again each time (4-10 s on
+a small host). Here each task runs in a process forked from a ``multiprocessing``
+forkserver that imported those once (fork: ~20 ms). The task itself is Flower's
+own ``flwr.supernode.runtime.run_clientapp.run_clientapp`` (pull the message and
+FAB, install the FAB, load the ClientApp, run it, push the reply).
+
+What stays fresh per task: the app's own modules are imported in the child from
+the FAB that Flower installed for that run, so a new app version is never served
+by stale code; the warm parent only ever imports third-party packages
+(``PRELOAD``). The parent never initialises CUDA, so a child can use the GPU.
+
+The executor exits when its SuperNode goes away: at once when ``--parent-pid``
+(the SuperNode's PID) ends, or when the Runtime API stays unreachable for
+``--supernode-timeout`` seconds. It logs a line per task: run, message type,
+seconds, exit code, and the PID of the warm parent the task was forked from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
+from multiprocessing.connection import Connection
+
+import httpx
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore import log
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+# Imported once by the warm parent; every task inherits them. Third-party only:
+# the app's modules must come from each run's FAB. Missing ones are skipped.
+PRELOAD = (
+    "numpy", "torch", "torch.nn", "torch.nn.functional", "torch.optim", "torchvision",
+    "torchvision.datasets", "torchvision.transforms", "PIL.Image", "sklearn.datasets",
+    "safetensors.torch", "flwr.app", "flwr.clientapp", "flwr.cli.install",
+    "flwr.supernode.runtime.run_clientapp",
+)
+# Flower retries an object that is not uploaded yet after 1 s, 2 s, 4 s, ... (at
+# most 500 tries, 2 h). Models arrive within a fraction of a second here, so
+# retry every 50-100 ms instead, within the same 2 h limit (``PULL_MAX_TIME``).
+OBJECT_PULL_RETRY = {"initial_backoff": 0.05, "backoff_cap": 0.1, "max_tries_per_object": None}
+# The package this file belongs to is imported in every child (multiprocessing
+# unpickles the task function from it); forget it there so that a FAB's module
+# of the same name (``client.client_app``) is imported from the FAB.
+_OWN_PACKAGE = (__spec__.name if __spec__ else __name__).split(".")[0]
+
+
+@dataclass
+class RunningTask:
+    """A task's process, the pipe it reports on, and what it reported."""
+
+    task_id: int
+    process: multiprocessing.process.BaseProcess
+    reports: Connection
+    started: float = field(default_factory=time.perf_counter)
+    info: dict = field(default_factory=dict)
+
+
+def run_task(address: str, token: str, certificates: bytes | None, parent_pid: int, reports: Connection) -> None:
+    """Child process: run one ClientApp task with Flower's ``run_clientapp``.
+
+    Reports ``{"pid", "ppid"}`` at once and ``{"run", "message-type", "fab"}``
+    once the task's input is pulled. Exits through Flower's ``flwr_exit``.
+    """
+    for name in [m for m in sys.modules if m == _OWN_PACKAGE or m.startswith(_OWN_PACKAGE + ".")]:
+        del sys.modules[name]
+    reports.send({"pid": os.getpid(), "ppid": os.getppid()})
+    from flwr.supernode.runtime import run_clientapp as runtime  # preloaded: no import cost
+
+    pull_task_input = runtime.pull_task_input
+
+    def pull_and_report(client):
+        message, context, run, fab = pull_task_input(client)
+        reports.send({"run": run.run_id, "message-type": message.metadata.message_type, "fab": fab.hash_str[:12]})
+        return message, context, run, fab
+
+    runtime.pull_task_input = pull_and_report  # this child's copy only
+    # The SuperNode offers the task before it has pulled the message's objects.
+    runtime.pull_and_inflate_object_from_tree = functools.partial(
+        runtime.pull_and_inflate_object_from_tree, **OBJECT_PULL_RETRY)
+    runtime.run_clientapp(
+        address, token, insecure=certificates is None, certificates=certificates,
+        parent_pid=parent_pid, runtime_dependency_install=False,
+    )
+
+
+def _report_warm_parent(reports: Connection) -> None:
+    reports.send(os.getppid())
+
+
+class WarmExecutor:
+    """Acquire ClientApp tasks from a SuperNode's Runtime API and run each in a forked child."""
+
+    def __init__(self, address: str, certificates: bytes | None, preload: tuple[str, ...] = PRELOAD):
+        self.address = address
+        self.certificates = certificates
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(preload))
+        self.running: dict[int, RunningTask] = {}
+        self.warm_parent = 0
+
+    def warm_up(self) -> float:
+        """Start the forkserver (imports ``PRELOAD``) now rather than at the first task; returns seconds."""
+        started = time.perf_counter()
+        receive, send = self.context.Pipe(duplex=False)
+        child = self.context.Process(target=_report_warm_parent, args=(send,), daemon=True)
+        child.start()
+        send.close()
+        self.warm_parent = receive.recv()
+        child.join()
+        return time.perf_counter() - started
+
+    def launch(self, task_id: int, token: str) -> None:
+        receive, send = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=run_task, args=(self.address, token, self.certificates, os.getpid(), send),
+            name=f"clientapp-task-{task_id}",
+        )
+        process.start()
+        send.close()
+        self.running[task_id] = RunningTask(task_id, process, receive)
+
+    def reap(self) -> None:
+        """Log and forget every task whose process has ended."""
+        for task in list(self.running.values()):
+            while task.reports.poll():
+                try:
+                    task.info.update(task.reports.recv())
+                except EOFError:
+                    break
+            if task.process.is_alive():
+                continue
+            task.process.join()
+            del self.running[task.task_id]
+            info = task.info
+            warm = "forked from the warm parent" if info.get("ppid") == self.warm_parent else "NOT from the warm parent"
+            log(INFO if task.process.exitcode == 0 else WARNING,
+                "fl-distill-executor: task %d run %s %s: %.2f s, exit %s, pid %s, parent %s (%s)",
+                task.task_id, info.get("run", "?"), info.get("message-type", "?"), time.perf_counter() - task.started,
+                task.process.exitcode, info.get("pid", "?"), info.get("ppid", "?"), warm)
+
+    def stop(self) -> None:
+        """Stop running tasks (Flower's signal handler in each pushes a failed status)."""
+        for task in self.running.values():
+            task.process.terminate()
+        for task in self.running.values():
+            task.process.join(timeout=10)
+            if task.process.is_alive():
+                task.process.kill()
+
+    def serve(self, poll_interval: float, supernode_timeout: float) -> int:
+        """Acquire and run tasks until the SuperNode is gone; returns the exit code."""
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=self.certificates is None, root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        )
+        last_contact = time.monotonic()
+        try:
+            while True:
+                self.reap()
+                try:
+                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                    last_contact = time.monotonic()
+                except httpx.TransportError as err:
+                    if time.monotonic() - last_contact > supernode_timeout:
+                        log(ERROR, "fl-distill-executor: the SuperNode's Runtime API at %s has not answered for "
+                            "%.0f s (%s); exiting", self.address, supernode_timeout, err)
+                        return 1
+                    time.sleep(poll_interval)
+                    continue
+                if res.HasField("task") and res.token:
+                    self.launch(res.task.task_id, res.token)
+                time.sleep(poll_interval)
+        finally:
+            self.stop()
+            client.close()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fl-distill-executor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
+    tls.add_argument("--root-certificates", help="CA certificate (PEM) of the Runtime API's TLS certificate")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) ends")
+    parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between AcquireTask calls (0.1)")
+    parser.add_argument("--supernode-timeout", type=float, default=30.0,
+                        help="exit when the Runtime API does not answer for this many seconds (30)")
+    args = parser.parse_args(argv)
+    if not args.insecure and not args.root_certificates:
+        parser.error("give --insecure or --root-certificates CA (TLS to the SuperNode's Runtime API)")
+    if not 0.01 <= args.poll_interval <= 60:
+        parser.error(f"--poll-interval = {args.poll_interval} is not allowed; use 0.01 to 60 seconds")
+    if args.supernode_timeout <= 0:
+        parser.error(f"--supernode-timeout = {args.supernode_timeout} is not allowed; use a number > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)  # sends this process SIGINT when the SuperNode ends
+    executor = WarmExecutor(args.runtime_api_address, certificates)
+    try:
+        seconds = executor.warm_up()
+        log(INFO, "fl-distill-executor: warm parent %d ready in %.1f s (preloaded %s); tasks from %s",
+            executor.warm_parent, seconds, ", ".join(PRELOAD), args.runtime_api_address)
+        return executor.serve(args.poll_interval, args.supernode_timeout)
+    except KeyboardInterrupt:
+        log(INFO, "fl-distill-executor: stopped")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

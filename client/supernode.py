@@ -1,0 +1,107 @@
+"""A Flower SuperNode with the warm executor beside it and short polls.
+
+    fl-distill-supernode [--executor warm|subprocess] [--idle-poll 0.2] [--task-poll 0.1] FLOWER-SUPERNODE-ARGS...
+
+Takes every ``flower-supernode`` argument unchanged and runs Flower's own
+``flower_supernode()`` in this process, with two changes:
+
+- ``--executor warm`` (default): the SuperNode runs with ``--isolation process``
+  and this process starts ``fl-distill-executor`` (``client/executor.py``) as its
+  child, pointed at the SuperNode's Runtime API (``--host``/``--port``; TLS when
+  ``--ssl-ca-certfile`` is given) and watching this PID, so killing the SuperNode
+  stops it too; it asks the SuperNode for a task every ``--task-poll`` seconds.
+  ``--executor subprocess`` keeps Flower's default (a fresh
+  ``flwr-clientapp`` process per message; its SuperExec polls every 0.2 s).
+- Short polls: flwr 1.39 hard-codes ``time.sleep(3)`` between the SuperNode's
+  pulls when it has no work, and ``time.sleep(0.5)`` while it waits for a
+  ClientApp's reply or object (``flwr/supernode/start_client_internal.py``).
+  This launcher replaces that module's ``time`` with one whose ``sleep`` is
+  capped at ``--idle-poll`` seconds. The price: an idle node asks the SuperLink
+  for work 1/idle-poll times a second (5/s at 0.2 s) instead of 1/3 s; on a
+  SuperLink serving hundreds of idle nodes raise it (``--idle-poll 3`` restores
+  Flower's behaviour). Likewise its retries of a model's bytes that have not
+  arrived yet start at 50 ms, not 1 s (``client.executor.OBJECT_PULL_RETRY``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import subprocess
+import sys
+import time
+
+import flwr.supernode.start_client_internal as supernode_loop
+from flwr.supernode.cli import flower_supernode
+
+from client.executor import OBJECT_PULL_RETRY
+
+FLOWER_RUNTIME_PORT = 9094  # flower-supernode's default --port
+
+
+class CappedSleep:
+    """``time`` as a module, except that ``sleep(s)`` sleeps ``min(s, cap)``."""
+
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``args`` (last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def executor_command(flower_args: list[str], supernode_pid: int, task_poll: float = 0.1) -> list[str]:
+    """The ``fl-distill-executor`` command for a SuperNode started with ``flower_args``."""
+    host = _option(flower_args, "--host") or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    host = f"[{host}]" if ":" in host else host
+    port = _option(flower_args, "--port") or str(FLOWER_RUNTIME_PORT)
+    ca = _option(flower_args, "--ssl-ca-certfile")
+    tls = ["--root-certificates", ca] if ca else ["--insecure"]
+    return [sys.executable, "-m", "client.executor", "--runtime-api-address", f"{host}:{port}",
+            "--parent-pid", str(supernode_pid), "--poll-interval", str(task_poll), *tls]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fl-distill-supernode", add_help=False)
+    parser.add_argument("--executor", choices=("warm", "subprocess"), default="warm")
+    parser.add_argument("--idle-poll", type=float, default=0.2)
+    parser.add_argument("--task-poll", type=float, default=0.1)
+    ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if not 0.01 <= ours.idle_poll <= 3:
+        parser.error(f"--idle-poll = {ours.idle_poll} is not allowed; use 0.01 to 3 seconds (3 = Flower's own)")
+    if not 0.01 <= ours.task_poll <= 60:
+        parser.error(f"--task-poll = {ours.task_poll} is not allowed; use 0.01 to 60 seconds")
+    isolation = _option(flower_args, "--isolation")
+    if ours.executor == "warm":
+        if isolation not in (None, "process"):
+            parser.error(f"--isolation {isolation} does not go with --executor warm; "
+                         "drop --isolation, or use --executor subprocess for Flower's own isolation")
+        if isolation is None:
+            flower_args += ["--isolation", "process"]
+        if "-h" not in flower_args and "--help" not in flower_args:
+            subprocess.Popen(executor_command(flower_args, os.getpid(), ours.task_poll))  # pylint: disable=consider-using-with
+    else:
+        os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+    supernode_loop.time = CappedSleep(ours.idle_poll)
+    supernode_loop.pull_objects = functools.partial(supernode_loop.pull_objects, **OBJECT_PULL_RETRY)
+    sys.argv = ["flower-supernode", *flower_args]  # Flower names its telemetry event after argv[0]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

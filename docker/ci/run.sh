@@ -1,0 +1,69 @@
+# shellcheck shell=bash
+# docker/ci-e2e.sh, sourced: Step 5: the run, its status (also from the host's flwr CLI), outputs, the warm executor's task log.
+
+step "run: $ROUNDS rounds with distillation on $CLIENTS clients (one-shot runner)"
+run_extra=()
+if [ -n "${E2E_APP_DIR:-}" ]; then
+    run_extra=(-v "$(cd "$E2E_APP_DIR" && pwd):/e2e-app:ro" -e FLD_APP_DIR=/e2e-app)
+    echo "submitting $E2E_APP_DIR instead of the image's /app"
+fi
+export FLD_RUN_CONFIG="num-server-rounds=$ROUNDS min-nodes=$CLIENTS distill=\"global\" ${E2E_RUN_CONFIG:-}"
+export FLD_WAIT_FOR_NODES=$CLIENTS FLD_RUN_TIMEOUT=$RUN_TIMEOUT
+echo "run config: $FLD_RUN_CONFIG"
+set +e
+timeout $((RUN_TIMEOUT + 300)) "${COMPOSE[@]}" -p "$PROJECT" -f "$here/docker-compose.yml" \
+    --profile run run --rm -T "${run_extra[@]}" runner 2>&1 | tee "$work/run.log"
+run_rc=${PIPESTATUS[0]}
+set -e
+run_id=$(sed -n 's/.*FLD_RUN_ID=\([0-9]*\) .*/\1/p' "$work/run.log" | tail -1)
+status=$(sed -n 's/.*FLD_RUN_STATUS=\([^ ]*\).*/\1/p' "$work/run.log" | tail -1)
+[ -n "$run_id" ] || fail "no run id from the runner (exit $run_rc)"
+[ "$run_rc" = 0 ] && [ "$status" = "finished:completed" ] \
+    || fail "run $run_id ended '$status' (runner exit $run_rc)"
+echo "run $run_id: $status"
+
+flwr_net() {  # flwr CLI inside the compose network, with the CA; args: flwr arguments
+    docker run --rm --network "${PROJECT}_default" -v "$FLD_CERTS_DIR/public:/certs:ro" \
+        --entrypoint bash "$SUPERLINK_IMAGE" -c \
+        '. /usr/local/bin/fld-lib.sh; write_cli_config superlink:8000; flwr "$@"' flwr "$@"
+}
+
+host_flwr=""
+for c in "$repo/.venv/bin/flwr" "$(command -v flwr || true)"; do
+    [ -n "$c" ] && [ -x "$c" ] && { host_flwr=$c; break; }
+done
+if [ -n "$host_flwr" ]; then
+    step "host flwr CLI -> Control API on 127.0.0.1:$CONTROL_PORT (TLS, CA from make-certs)"
+    export FLWR_HOME=$work/flwr-home
+    mkdir -p "$FLWR_HOME"
+    cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "fl-distill-e2e"
+
+[superlink.fl-distill-e2e]
+address = "127.0.0.1:$CONTROL_PORT"
+root-certificates = "$FLD_CERTS_DIR/ca.crt"
+EOF
+    host_status=$("$host_flwr" ls fl-distill-e2e --run-id "$run_id" --format json \
+        | python3 -c "import json,sys; print(json.load(sys.stdin)['runs'][0]['status'])")
+    echo "host: flwr ls --run-id $run_id -> $host_status"
+    [ "$host_status" = "finished:completed" ] || fail "host CLI sees run $run_id as '$host_status'"
+fi
+
+step "outputs on the '${PROJECT}_outputs' volume"
+docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint bash "$SUPERLINK_IMAGE" -c "
+    set -e; cd /outputs/$run_id; ls -l
+    for f in $EXPECTED_OUTPUTS; do test -s \"\$f\" || { echo \"missing or empty: \$f\"; exit 1; }; done
+    echo '--- summary.json'; head -c 1500 summary.json; echo
+    echo '--- metrics.jsonl (last 3 lines)'; tail -n 3 metrics.jsonl | cut -c1-400
+" || fail "outputs of run $run_id incomplete on the volume"
+
+step "warm executor: every ClientApp task forked from its client's warm parent"
+client_logs=$(compose logs --no-color client)
+warm_tasks=$(grep -c "run $run_id train: .*forked from the warm parent" <<<"$client_logs" || true)
+ready=$(grep -c "fl-distill-executor: warm parent .* ready" <<<"$client_logs" || true)
+grep "fl-distill-executor: task .* run $run_id " <<<"$client_logs" | sed 's/.*fl-distill-executor: //' | head -n 12
+echo "$ready warm executors; $warm_tasks train tasks of run $run_id on them (expected $((CLIENTS * ROUNDS)))"
+[ "$ready" -ge "$CLIENTS" ] || fail "only $ready of $CLIENTS clients started a warm executor"
+[ "$warm_tasks" -eq $((CLIENTS * ROUNDS)) ] || fail "$warm_tasks warm train tasks, expected $((CLIENTS * ROUNDS))"
+! grep -q "NOT from the warm parent" <<<"$client_logs" || fail "a task did not run on the warm parent"

@@ -1,0 +1,46 @@
+"""fl-distill-supernode: where its warm executor connects, and the capped sleeps it gives Flower's SuperNode loop."""
+
+import sys
+import time
+
+import pytest
+
+from client.supernode import CappedSleep, executor_command, main
+
+
+def test_executor_follows_the_supernodes_runtime_api_address_and_watches_its_pid():
+    cmd = executor_command(["--insecure", "--superlink", "h:9092", "--port", "9300"], supernode_pid=4321)
+    assert cmd[:3] == [sys.executable, "-m", "client.executor"]
+    assert cmd[cmd.index("--runtime-api-address") + 1] == "127.0.0.1:9300"
+    assert cmd[cmd.index("--parent-pid") + 1] == "4321" and "--insecure" in cmd
+
+
+@pytest.mark.parametrize("host, expected", [("0.0.0.0", "127.0.0.1:9094"), ("::", "[::1]:9094"), ("10.1.2.3", "10.1.2.3:9094")])
+def test_a_wildcard_host_is_reached_on_loopback(host, expected):
+    cmd = executor_command([f"--host={host}"], supernode_pid=1)
+    assert cmd[cmd.index("--runtime-api-address") + 1] == expected
+
+
+def test_a_runtime_api_with_tls_is_reached_with_its_ca():
+    cmd = executor_command(["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "s.pem"], supernode_pid=1)
+    assert cmd[cmd.index("--root-certificates") + 1] == "/certs/ca.crt" and "--insecure" not in cmd
+
+
+def test_capped_sleep_shortens_long_sleeps_only_and_keeps_the_rest_of_time():
+    capped = CappedSleep(0.05)
+    started = time.monotonic()
+    capped.sleep(3)
+    capped.sleep(0.01)
+    assert time.monotonic() - started < 0.5
+    assert capped.monotonic is time.monotonic
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--isolation", "subprocess"], "--isolation subprocess does not go with --executor warm"),
+    (["--idle-poll", "0"], "--idle-poll = 0.0 is not allowed"),
+    (["--executor", "threads"], "invalid choice: 'threads'"),
+])
+def test_bad_launcher_options_are_refused_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
