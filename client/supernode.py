@@ -8,10 +8,11 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
 - ``--executor warm`` (default): the SuperNode runs with ``--isolation process``
   and this process starts ``fl-distill-executor`` (``client/executor.py``) as its
   child, pointed at the SuperNode's Runtime API (``--host``/``--port``; TLS when
-  ``--ssl-ca-certfile`` is given) and watching this PID, so killing the SuperNode
-  stops it too; it asks the SuperNode for a task every ``--task-poll`` seconds.
-  ``--executor subprocess`` keeps Flower's default (a fresh
-  ``flwr-clientapp`` process per message; its SuperExec polls every 0.2 s).
+  ``--ssl-ca-certfile`` is given), asking for a task every ``--task-poll``
+  seconds and watching this PID, so killing the SuperNode stops it too; if the
+  executor dies, it is started again. ``--executor subprocess`` keeps Flower's
+  default (a fresh ``flwr-clientapp`` process per message; its SuperExec polls
+  every 0.2 s).
 - Short polls: flwr 1.39 hard-codes ``time.sleep(3)`` between the SuperNode's
   pulls when it has no work, and ``time.sleep(0.5)`` while it waits for a
   ClientApp's reply or object (``flwr/supernode/start_client_internal.py``).
@@ -30,9 +31,12 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 import time
+from logging import WARNING
 
 import flwr.supernode.start_client_internal as supernode_loop
+from flwr.supercore import log
 from flwr.supernode.cli import flower_supernode
 
 from client.executor import OBJECT_PULL_RETRY
@@ -76,6 +80,29 @@ def executor_command(flower_args: list[str], supernode_pid: int, task_poll: floa
             "--parent-pid", str(supernode_pid), "--poll-interval", str(task_poll), *tls]
 
 
+def supervise(command: list[str]) -> threading.Thread:
+    """Run ``command`` (the executor) and start it again whenever it exits.
+
+    A SuperNode without its executor would take tasks it never runs (each fails
+    only when its token expires, up to 60 s later). Restarts wait 1 s, doubling
+    up to 60 s while the executor keeps dying within 30 s of its start. A daemon
+    thread: it ends with this process, and the executor follows (``--parent-pid``).
+    """
+
+    def keep_running() -> None:
+        delay = 1.0
+        while True:
+            started = time.monotonic()
+            code = subprocess.Popen(command).wait()  # pylint: disable=consider-using-with
+            delay = 1.0 if time.monotonic() - started > 30 else min(2 * delay, 60.0)
+            log(WARNING, "fl-distill-supernode: the executor exited with code %s; starting it again in %.0f s", code, delay)
+            time.sleep(delay)
+
+    thread = threading.Thread(target=keep_running, name="executor-supervisor", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fl-distill-supernode", add_help=False)
     parser.add_argument("--executor", choices=("warm", "subprocess"), default="warm")
@@ -94,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         if isolation is None:
             flower_args += ["--isolation", "process"]
         if "-h" not in flower_args and "--help" not in flower_args:
-            subprocess.Popen(executor_command(flower_args, os.getpid(), ours.task_poll))  # pylint: disable=consider-using-with
+            supervise(executor_command(flower_args, os.getpid(), ours.task_poll))
     else:
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     supernode_loop.time = CappedSleep(ours.idle_poll)

@@ -38,9 +38,10 @@ def executor_tasks(home, node: int) -> list[dict]:
 
 
 def warm_parent(home, node: int) -> int:
-    match = re.search(r"warm parent (\d+) ready", (home / f"supernode-{node}.log").read_text())
-    assert match, f"SuperNode {node}'s executor never got warm"
-    return int(match.group(1))
+    """The PID of the warm parent that SuperNode ``node``'s executor started last."""
+    parents = re.findall(r"warm parent (\d+) ready", (home / f"supernode-{node}.log").read_text())
+    assert parents, f"SuperNode {node}'s executor never got warm"
+    return int(parents[-1])
 
 
 def metrics(out, run_id) -> list[dict]:
@@ -104,7 +105,7 @@ def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, t
             assert all(int(t["parent"]) == parent for t in tasks)
 
 
-def test_killing_a_supernode_stops_its_executor_and_leaves_no_orphan(tmp_path):
+def test_a_dead_executor_is_restarted_and_killing_the_supernode_leaves_no_orphan(tmp_path):
     home = tmp_path / "flwr-home"
     ports = launch.Ports(http=8120, fleet=9232)
     launch.write_connection(home, "kill-test", ports.address)
@@ -117,6 +118,13 @@ def test_killing_a_supernode_stops_its_executor_and_leaves_no_orphan(tmp_path):
             assert time.monotonic() < deadline, "the executor did not get warm within 180 s"
             assert supernode.poll() is None, "the SuperNode exited"
             time.sleep(0.5)
+        executor = executor_pid(supernode.pid)
+        os.kill(executor, signal.SIGKILL)  # a crashed executor is started again
+        while (home / "supernode-0.log").read_text().count("ready in") < 2:
+            assert time.monotonic() < deadline, "the executor was not started again within 180 s"
+            time.sleep(0.5)
+        assert executor_pid(supernode.pid) != executor and not _alive(executor)
+
         tree = launch.process_tree(supernode.pid)
         assert warm_parent(home, 0) in tree and len(tree) >= 3  # SuperNode, executor, warm parent (+ tracker)
 
@@ -128,6 +136,17 @@ def test_killing_a_supernode_stops_its_executor_and_leaves_no_orphan(tmp_path):
             time.sleep(0.2)
     finally:
         launch.stop(processes)
+
+
+def executor_pid(supernode_pid: int) -> int:
+    """The PID of the SuperNode's warm executor (``python -m client.executor``)."""
+    for pid in launch.process_tree(supernode_pid):
+        try:
+            if b"client.executor" in open(f"/proc/{pid}/cmdline", "rb").read() and _alive(pid):
+                return pid
+        except OSError:
+            pass
+    raise AssertionError(f"no executor under SuperNode {supernode_pid}")
 
 
 def _alive(pid: int) -> bool:
