@@ -19,7 +19,9 @@ by stale code; the warm parent only ever imports third-party packages
 
 The executor exits when its SuperNode goes away: at once when ``--parent-pid``
 (the SuperNode's PID) ends, or when the Runtime API stays unreachable for
-``--supernode-timeout`` seconds. It logs a line per task: run, message type,
+``--supernode-timeout`` seconds. Stopped on its own (SIGTERM/SIGINT), it first
+lets running tasks finish; tasks end with the SuperNode, never half-way with
+the executor (flwr 1.39's SuperNode would wait for their reply for good). It logs a line per task: run, message type,
 seconds, exit code, and the PID of the warm parent the task was forked from.
 """
 
@@ -74,31 +76,47 @@ class RunningTask:
     info: dict = field(default_factory=dict)
 
 
-def run_task(address: str, token: str, certificates: bytes | None, parent_pid: int, reports: Connection) -> None:
+def run_task(address: str, token: str, certificates: bytes | None, supernode_pid: int | None, reports: Connection) -> None:
     """Child process: run one ClientApp task with Flower's ``run_clientapp``.
 
-    Reports ``{"pid", "ppid"}`` at once and ``{"run", "message-type", "fab"}``
-    once the task's input is pulled. Exits through Flower's ``flwr_exit``.
+    Reports ``{"pid", "ppid"}`` at once, ``{"run", "message-type", "fab"}`` once
+    the task's input is pulled and ``{"replied": True}`` once its reply is pushed;
+    reporting is best effort (a restarted executor no longer listens) and never
+    disturbs the task. The task ends with the SuperNode (``supernode_pid``), not
+    with the executor: a task stopped half-way pushes a failed status but no
+    reply, and flwr 1.39's SuperNode then waits for that reply for good.
+    Exits through Flower's ``flwr_exit``.
     """
     for name in [m for m in sys.modules if m == _OWN_PACKAGE or m.startswith(_OWN_PACKAGE + ".")]:
         del sys.modules[name]
-    reports.send({"pid": os.getpid(), "ppid": os.getppid()})
+
+    def report(info: dict) -> None:
+        try:
+            reports.send(info)
+        except OSError:
+            pass
+
+    report({"pid": os.getpid(), "ppid": os.getppid()})
     from flwr.supernode.runtime import run_clientapp as runtime  # preloaded: no import cost
 
-    pull_task_input = runtime.pull_task_input
+    pull_task_input, push_message = runtime.pull_task_input, runtime.push_message
 
     def pull_and_report(client):
         message, context, run, fab = pull_task_input(client)
-        reports.send({"run": run.run_id, "message-type": message.metadata.message_type, "fab": fab.hash_str[:12]})
+        report({"run": run.run_id, "message-type": message.metadata.message_type, "fab": fab.hash_str[:12]})
         return message, context, run, fab
 
-    runtime.pull_task_input = pull_and_report  # this child's copy only
+    def push_and_report(client, message, context):
+        push_message(client, message, context)
+        report({"replied": True})
+
+    runtime.pull_task_input, runtime.push_message = pull_and_report, push_and_report  # this child's copy only
     # The SuperNode offers the task before it has pulled the message's objects.
     runtime.pull_and_inflate_object_from_tree = functools.partial(
         runtime.pull_and_inflate_object_from_tree, **OBJECT_PULL_RETRY)
     runtime.run_clientapp(
         address, token, insecure=certificates is None, certificates=certificates,
-        parent_pid=parent_pid, runtime_dependency_install=False,
+        parent_pid=supernode_pid, runtime_dependency_install=False,
     )
 
 
@@ -109,9 +127,11 @@ def _report_warm_parent(reports: Connection) -> None:
 class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode's Runtime API and run each in a forked child."""
 
-    def __init__(self, address: str, certificates: bytes | None, preload: tuple[str, ...] = PRELOAD):
+    def __init__(self, address: str, certificates: bytes | None, supernode_pid: int | None = None,
+                 preload: tuple[str, ...] = PRELOAD):
         self.address = address
         self.certificates = certificates
+        self.supernode_pid = supernode_pid
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(list(preload))
         self.running: dict[int, RunningTask] = {}
@@ -131,7 +151,7 @@ class WarmExecutor:
     def launch(self, task_id: int, token: str) -> None:
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=run_task, args=(self.address, token, self.certificates, os.getpid(), send),
+            target=run_task, args=(self.address, token, self.certificates, self.supernode_pid, send),
             name=f"clientapp-task-{task_id}",
         )
         process.start()
@@ -151,20 +171,19 @@ class WarmExecutor:
             task.process.join()
             del self.running[task.task_id]
             info = task.info
+            replied = "replied" if info.get("replied") else "NO REPLY"
             warm = "forked from the warm parent" if info.get("ppid") == self.warm_parent else "NOT from the warm parent"
-            log(INFO if task.process.exitcode == 0 else WARNING,
-                "fl-distill-executor: task %d run %s %s: %.2f s, exit %s, pid %s, parent %s (%s)",
+            log(INFO if task.process.exitcode == 0 and info.get("replied") else WARNING,
+                "fl-distill-executor: task %d run %s %s: %.2f s, exit %s, %s, pid %s, parent %s (%s)",
                 task.task_id, info.get("run", "?"), info.get("message-type", "?"), time.perf_counter() - task.started,
-                task.process.exitcode, info.get("pid", "?"), info.get("ppid", "?"), warm)
+                task.process.exitcode, replied, info.get("pid", "?"), info.get("ppid", "?"), warm)
 
-    def stop(self) -> None:
-        """Stop running tasks (Flower's signal handler in each pushes a failed status)."""
+    def wait_for_tasks(self) -> None:
+        """Let running tasks finish: stopping one half-way would leave its SuperNode waiting for a reply."""
         for task in self.running.values():
-            task.process.terminate()
-        for task in self.running.values():
-            task.process.join(timeout=10)
-            if task.process.is_alive():
-                task.process.kill()
+            log(INFO, "fl-distill-executor: waiting for task %d to finish", task.task_id)
+            task.process.join()
+        self.reap()
 
     def serve(self, poll_interval: float, supernode_timeout: float) -> int:
         """Acquire and run tasks until the SuperNode is gone; returns the exit code."""
@@ -190,7 +209,6 @@ class WarmExecutor:
                     self.launch(res.task.task_id, res.token)
                 time.sleep(poll_interval)
         finally:
-            self.stop()
             client.close()
 
 
@@ -201,13 +219,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     tls.add_argument("--root-certificates", help="CA certificate (PEM) of the Runtime API's TLS certificate")
-    parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) ends")
+    parser.add_argument("--parent-pid", type=int,
+                        help="the SuperNode's PID: exit when it ends; running tasks end with it too")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between AcquireTask calls (0.1)")
     parser.add_argument("--supernode-timeout", type=float, default=30.0,
                         help="exit when the Runtime API does not answer for this many seconds (30)")
     args = parser.parse_args(argv)
     if not args.insecure and not args.root_certificates:
         parser.error("give --insecure or --root-certificates CA (TLS to the SuperNode's Runtime API)")
+    host, _, port = args.runtime_api_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        parser.error(f"--runtime-api-address = {args.runtime_api_address!r} is not allowed; use HOST:PORT, "
+                     "e.g. 127.0.0.1:9094 ([::1]:9094 for IPv6)")
     if not 0.01 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval = {args.poll_interval} is not allowed; use 0.01 to 60 seconds")
     if args.supernode_timeout <= 0:
@@ -222,17 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     def interrupt(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    # SIGINT explicitly too: a process started in the background by a shell
+    # without job control inherits SIGINT ignored, and the SuperNode monitor
+    # below stops this process with SIGINT.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # sends this process SIGINT when the SuperNode ends
-    executor = WarmExecutor(args.runtime_api_address, certificates)
+    executor = WarmExecutor(args.runtime_api_address, certificates, supernode_pid=args.parent_pid)
     try:
         seconds = executor.warm_up()
         log(INFO, "fl-distill-executor: warm parent %d ready in %.1f s (preloaded %s); tasks from %s",
             executor.warm_parent, seconds, ", ".join(PRELOAD), args.runtime_api_address)
         return executor.serve(args.poll_interval, args.supernode_timeout)
     except KeyboardInterrupt:
-        log(INFO, "fl-distill-executor: stopped")
+        log(INFO, "fl-distill-executor: stopping")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the wait short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        executor.wait_for_tasks()
         return 0
 
 

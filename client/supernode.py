@@ -83,10 +83,11 @@ def executor_command(flower_args: list[str], supernode_pid: int, task_poll: floa
 def supervise(command: list[str]) -> threading.Thread:
     """Run ``command`` (the executor) and start it again whenever it exits.
 
-    A SuperNode without its executor would take tasks it never runs (each fails
-    only when its token expires, up to 60 s later). Restarts wait 1 s, doubling
-    up to 60 s while the executor keeps dying within 30 s of its start. A daemon
-    thread: it ends with this process, and the executor follows (``--parent-pid``).
+    A SuperNode without its executor would take tasks it never runs. Tasks that
+    were running go on (they end with the SuperNode, not the executor). Restarts
+    wait 1 s, doubling up to 60 s while the executor keeps dying within 30 s of
+    its start. A daemon thread: it ends with this process, and the executor
+    follows (``--parent-pid``).
     """
 
     def keep_running() -> None:
@@ -104,11 +105,21 @@ def supervise(command: list[str]) -> threading.Thread:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fl-distill-supernode", add_help=False)
-    parser.add_argument("--executor", choices=("warm", "subprocess"), default="warm")
-    parser.add_argument("--idle-poll", type=float, default=0.2)
-    parser.add_argument("--task-poll", type=float, default=0.1)
+    parser = argparse.ArgumentParser(
+        prog="fl-distill-supernode", add_help=False, usage="%(prog)s [OPTIONS] FLOWER-SUPERNODE-ARGS...",
+        description="Flower's SuperNode with a warm ClientApp executor and short polls (client/supernode.py). "
+                    "Every other argument goes to flower-supernode; its own help follows.")
+    parser.add_argument("--executor", choices=("warm", "subprocess"), default="warm",
+                        help="warm: tasks in processes forked from a pre-imported parent (default); "
+                             "subprocess: Flower's flwr-clientapp process per message")
+    parser.add_argument("--idle-poll", type=float, default=0.2,
+                        help="cap in seconds of the SuperNode's 3 s idle poll and 0.5 s reply wait (0.2)")
+    parser.add_argument("--task-poll", type=float, default=0.1,
+                        help="seconds between the executor's requests for a task (0.1)")
     ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if "-h" in flower_args or "--help" in flower_args:
+        parser.print_help()
+        print()
     if not 0.01 <= ours.idle_poll <= 3:
         parser.error(f"--idle-poll = {ours.idle_poll} is not allowed; use 0.01 to 3 seconds (3 = Flower's own)")
     if not 0.01 <= ours.task_poll <= 60:
@@ -123,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         if "-h" not in flower_args and "--help" not in flower_args:
             supervise(executor_command(flower_args, os.getpid(), ours.task_poll))
     else:
+        if isolation not in (None, "subprocess"):
+            parser.error(f"--isolation {isolation} with --executor subprocess would start no executor; "
+                         "drop --isolation, or use --executor warm")
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     supernode_loop.time = CappedSleep(ours.idle_poll)
     supernode_loop.pull_objects = functools.partial(supernode_loop.pull_objects, **OBJECT_PULL_RETRY)

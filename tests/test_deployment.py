@@ -105,29 +105,33 @@ def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, t
             assert all(int(t["parent"]) == parent for t in tasks)
 
 
-def test_a_dead_executor_is_restarted_and_killing_the_supernode_leaves_no_orphan(tmp_path):
+def test_an_executor_killed_mid_task_is_restarted_and_the_task_and_run_still_finish(tmp_path):
+    """Then killing the SuperNode stops everything it started: no orphan is left."""
     home = tmp_path / "flwr-home"
     ports = launch.Ports(http=8120, fleet=9232)
     launch.write_connection(home, "kill-test", ports.address)
     processes = [launch.start_superlink(home, ports, simulation=False)]
     try:
         processes += launch.start_supernodes(home, ports, count=1, first_runtime_port=9240, executor="warm")
-        supernode = processes[1]
-        deadline = time.monotonic() + 180
-        while "ready in" not in (home / "supernode-0.log").read_text():
-            assert time.monotonic() < deadline, "the executor did not get warm within 180 s"
-            assert supernode.poll() is None, "the SuperNode exited"
-            time.sleep(0.5)
+        supernode, out = processes[1], tmp_path / "out"
+        run_id = launch.flwr_run(home, "kill-test", f'num-server-rounds=2 min-nodes=1 local-epochs=15 round-timeout=240 '
+                                 f'out-dir="{out}"', stream=False)
+        deadline = time.monotonic() + 240
+        while not (tasks := task_processes(home, supernode.pid)):  # a ClientApp task is running
+            assert time.monotonic() < deadline, "no ClientApp task started within 240 s"
+            time.sleep(0.2)
         executor = executor_pid(supernode.pid)
-        os.kill(executor, signal.SIGKILL)  # a crashed executor is started again
-        while (home / "supernode-0.log").read_text().count("ready in") < 2:
-            assert time.monotonic() < deadline, "the executor was not started again within 180 s"
-            time.sleep(0.5)
-        assert executor_pid(supernode.pid) != executor and not _alive(executor)
+        os.kill(executor, signal.SIGKILL)
+
+        assert launch.wait_finished(home, "kill-test", run_id, timeout=240) == "finished:completed"
+        rows = metrics(out, run_id)
+        assert [len(r["clients"]) for r in rows[1:]] == [1, 1] and rows[1]["failures"] == 0  # the task went on
+        assert max(r["round-seconds"] for r in rows[1:]) < 120  # no round waited for its timeout
+        assert (home / "supernode-0.log").read_text().count("ready in") == 2  # the executor came back
+        assert executor_pid(supernode.pid) != executor and not _alive(executor) and not any(map(_alive, tasks))
 
         tree = launch.process_tree(supernode.pid)
         assert warm_parent(home, 0) in tree and len(tree) >= 3  # SuperNode, executor, warm parent (+ tracker)
-
         os.kill(supernode.pid, signal.SIGKILL)
         supernode.wait()
         deadline = time.monotonic() + 15
@@ -136,6 +140,14 @@ def test_a_dead_executor_is_restarted_and_killing_the_supernode_leaves_no_orphan
             time.sleep(0.2)
     finally:
         launch.stop(processes)
+
+
+def task_processes(home, supernode_pid: int) -> list[int]:
+    """PIDs of ClientApp tasks running now: children of the SuperNode's current warm parent."""
+    if "ready in" not in (home / "supernode-0.log").read_text():
+        return []
+    parent = warm_parent(home, 0)
+    return [pid for pid in launch.process_tree(parent) if pid != parent and _alive(pid)]
 
 
 def executor_pid(supernode_pid: int) -> int:

@@ -39,8 +39,30 @@ def test_capped_sleep_shortens_long_sleeps_only_and_keeps_the_rest_of_time():
     (["--isolation", "subprocess"], "--isolation subprocess does not go with --executor warm"),
     (["--idle-poll", "0"], "--idle-poll = 0.0 is not allowed"),
     (["--executor", "threads"], "invalid choice: 'threads'"),
+    (["--executor", "subprocess", "--isolation", "process"], "would start no executor"),
 ])
 def test_bad_launcher_options_are_refused_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_lists_the_launchers_own_options_before_flowers(capsys, monkeypatch):
+    import flwr.supernode.start_client_internal as supernode_loop
+
+    for name in ("time", "pull_objects"):  # main() patches them, as it does in a SuperNode process
+        monkeypatch.setattr(supernode_loop, name, getattr(supernode_loop, name))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.index("--idle-poll") < out.index("--superlink") and "--task-poll" in out
+
+
+@pytest.mark.parametrize("address", ["nohost:abc", "9094", "host:0", "host:70000"])
+def test_the_executor_refuses_a_runtime_api_address_that_is_not_host_port(address, capsys):
+    from client.executor import main as executor_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        executor_main(["--runtime-api-address", address, "--insecure"])
+    assert exit_info.value.code == 2 and f"--runtime-api-address = {address!r} is not allowed" in capsys.readouterr().err
