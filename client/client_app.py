@@ -7,8 +7,9 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.config import RunConfig
-from common.data import Dataset, client_set, load_image_folder
+from common.config import ConfigError, RunConfig
+from common.data import Dataset, client_set
+from common.image_folder import load_image_folder
 from common.models import build_teacher
 from common.training import evaluate, setup_compute, train_local
 
@@ -32,6 +33,9 @@ def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Da
 def _setup(msg: Message, context: Context):
     config = RunConfig.from_mapping(context.run_config)
     data = local_data(config, dict(context.node_config), dict(msg.content["config"]))
+    if len(data) == 0:  # the partitioning guarantees one example; kept for edge cases it cannot see
+        raise ConfigError(f"this client has no examples (dataset {config.dataset!r}, partitioning "
+                          f"{config.partitioning!r}); lower num-partitions or give the node a data-dir")
     device = setup_compute(str(context.node_config.get("device", config.device)))
     model = build_teacher(data.input_shape, data.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import datasets, transforms
+from torchvision import datasets
 
 from common.config import ConfigError, RunConfig
 
@@ -45,7 +45,7 @@ class Dataset:
         return len(self.labels)
 
 
-def _standardize(images: torch.Tensor) -> torch.Tensor:
+def standardize(images: torch.Tensor) -> torch.Tensor:
     """Scale [0, 1] images to roughly zero mean, unit range."""
     return (images - 0.5) / 0.5
 
@@ -56,7 +56,7 @@ def _load_digits() -> Dataset:
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)
-    return Dataset("digits", _standardize(images), labels, SHAPES_AND_CLASSES["digits"][1])
+    return Dataset("digits", standardize(images), labels, SHAPES_AND_CLASSES["digits"][1])
 
 
 class LocalCIFAR10(datasets.CIFAR10):
@@ -85,7 +85,7 @@ def _load_torchvision(name: str, root: str, download: bool) -> Dataset:
     labels = [torch.as_tensor(np.asarray(p.targets), dtype=torch.long) for p in parts]
     x = torch.cat(images).float() / 255.0
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # -> (N, C, H, W)
-    return Dataset(name, _standardize(x.contiguous()), torch.cat(labels), tuple(parts[0].classes))
+    return Dataset(name, standardize(x.contiguous()), torch.cat(labels), tuple(parts[0].classes))
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,10 +127,24 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float
     if scheme == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), num_partitions)]
     if scheme == "dirichlet":
-        return _dirichlet(labels, num_partitions, alpha, rng)
+        return _no_empty(_dirichlet(labels, num_partitions, alpha, rng), rng)
     if scheme == "shards":
-        return _shards(labels, num_partitions, rng)
+        return _no_empty(_shards(labels, num_partitions, rng), rng)
     raise ConfigError(f"partitioning = {scheme!r} is not allowed; use 'iid', 'dirichlet' or 'shards'")
+
+
+def _no_empty(parts: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Give every empty partition one example, taken at random from the largest one.
+
+    Strong skew (Dirichlet with tiny alpha, more shards than examples) can leave
+    clients with nothing; like Hsu et al.'s code, examples are moved rather than
+    a client silently trained on no data. Needs ``len(parts) <= total examples``.
+    """
+    parts = [list(p) for p in parts]
+    for empty in [i for i, p in enumerate(parts) if not p]:
+        donor = max(range(len(parts)), key=lambda i: len(parts[i]))
+        parts[empty].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
 def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -138,6 +152,7 @@ def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generato
 
     Redraws (up to 100 times) until every client holds at least 2 examples,
     as in Hsu et al. 2019 / FedDF's code; small alpha means strong label skew.
+    The caller moves an example to any client still empty after that.
     """
     min_size = min(2, len(labels) // k)
     for _ in range(100):
@@ -168,33 +183,6 @@ SHAPES_AND_CLASSES: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
     "fashion-mnist": ((1, 28, 28), tuple(datasets.FashionMNIST.classes)),
     "cifar10": ((3, 32, 32), CIFAR10_CLASSES),
 }
-
-
-def load_image_folder(data_dir: str, dataset: str) -> Dataset:
-    """An edge client's own data: an ImageFolder tree shaped and labelled like ``dataset``.
-
-    Sub-folders are named by class index ('0', '1', ...) or by the dataset's class
-    name; images are converted to the dataset's channels and size. None of the
-    dataset's own files are needed.
-    """
-    if not Path(data_dir).is_dir():
-        raise ConfigError(f"node config 'data-dir' = {data_dir!r} is not a folder")
-    (channels, height, width), class_names = SHAPES_AND_CLASSES[dataset]
-    label_of = {name: i for i, name in enumerate(class_names)} | {str(i): i for i in range(len(class_names))}
-    steps = [transforms.Resize((height, width)), transforms.ToTensor()]
-    if channels == 1:
-        steps.insert(0, transforms.Grayscale(1))
-    folder = datasets.ImageFolder(data_dir, transform=transforms.Compose(steps))
-    unknown = sorted(set(folder.classes) - set(label_of))
-    if unknown:
-        raise ConfigError(
-            f"data-dir {data_dir!r} has class folder(s) {unknown} that dataset '{dataset}' does not know; "
-            f"name folders 0..{len(class_names) - 1} or {list(class_names)}"
-        )
-    remap = [label_of[c] for c in folder.classes]
-    images = torch.stack([img for img, _ in folder])
-    labels = torch.tensor([remap[t] for t in folder.targets], dtype=torch.long)
-    return Dataset(dataset, _standardize(images), labels, class_names)
 
 
 def server_sets(config: RunConfig) -> tuple[Dataset, Dataset]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from server.distillation import ServerDistillation
+from server.validation import screen_replies
 
 
 class DistillFedAvg(FedAvg):
@@ -27,12 +30,14 @@ class DistillFedAvg(FedAvg):
         self.num_partitions = num_partitions  # 0: one partition per node connected at round 1
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
+        self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
         self._round_started = 0.0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
+        self.global_arrays = arrays
         return self._assign_partitions(super().configure_train(server_round, arrays, config, grid), grid)
 
     def configure_evaluate(
@@ -61,16 +66,30 @@ class DistillFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the client models, then distil (and maybe fine-tune) on the proxy set."""
+        """Drop bad updates, average the rest, then distil (and maybe fine-tune) on the proxy set.
+
+        Each reply is checked against the global model this round sent
+        (``server/validation.py``); a rejected one is logged with its node and
+        reason. With no valid reply FedAvg returns no arrays: the previous global
+        model stays and distillation is skipped.
+        """
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        valid = [r for r in replies if not r.has_error()]
+        if self.global_arrays is None:
+            raise RuntimeError("aggregate_train before configure_train: no global model to check replies against")
+        valid, errors, rejected = screen_replies(replies, self.global_arrays, self.weighted_by_key)
+        for rejection in rejected:
+            log(WARNING, "fl-distill: round %d: dropped the update of node %d: %s",
+                server_round, rejection.node_id, rejection.reason)
+        arrays, metrics = super().aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
-            "failures": len(replies) - len(valid),
+            "heard-from": sorted(r.metadata.src_node_id for r in replies),
+            "failures": len(errors),
+            "rejected": [r.to_dict() for r in rejected],
             "client-metrics": dict(metrics) if metrics is not None else {},
             "clients": [
-                {"node-id": r.metadata.src_node_id, **dict(r.content["metrics"])} for r in valid
+                {"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values())))}
+                for r in valid
             ],
         }
         if arrays is not None and self.distillation is not None:

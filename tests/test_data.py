@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError
-from common.data import client_set, load_dataset, load_image_folder, partition, server_sets, split_indices
+from common.data import client_set, load_dataset, partition, server_sets, split_indices
+from common.image_folder import load_image_folder
 from tests.dataset_files import write_cifar10, write_idx_mnist, write_image_folder
 
 
@@ -100,3 +101,12 @@ def test_edge_folders_may_use_class_names_and_need_no_dataset_files(tmp_path):
     data = load_image_folder(str(tmp_path), "cifar10")
     assert data.images.shape == (2, 3, 32, 32)
     assert sorted(data.labels.tolist()) == [3, 9]
+
+
+@pytest.mark.parametrize("scheme, alpha, k", [("dirichlet", 0.01, 100), ("shards", 0.5, 1000), ("dirichlet", 0.001, 500)])
+def test_no_partition_is_ever_empty_even_under_extreme_skew(config, scheme, alpha, k):
+    pool = split_indices(1797, config.proxy_fraction, config.test_fraction, config.seed).pool
+    labels = np.random.default_rng(0).integers(0, 10, len(pool))
+    parts = partition(labels, k, scheme, alpha, seed=3)
+    assert len(parts) == k and min(len(p) for p in parts) >= 1
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(pool)))  # still disjoint and covering

@@ -40,6 +40,7 @@ def test_aggregate_is_the_example_weighted_mean_of_client_models():
     updates = [({"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)}, n)
                for n in (10, 30, 60)]
     strategy = DistillFedAvg(distillation=None)
+    strategy.global_arrays = ArrayRecord({k: Array(np.zeros_like(v)) for k, v in updates[0][0].items()})
     arrays, metrics = strategy.aggregate_train(1, [reply(w, n, i + 1) for i, (w, n) in enumerate(updates)])
     total = sum(n for _, n in updates)
     for key in ("w", "b"):

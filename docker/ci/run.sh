@@ -67,3 +67,4 @@ echo "$ready warm executors; $warm_tasks train tasks of run $run_id on them (exp
 [ "$ready" -ge "$CLIENTS" ] || fail "only $ready of $CLIENTS clients started a warm executor"
 [ "$warm_tasks" -eq $((CLIENTS * ROUNDS)) ] || fail "$warm_tasks warm train tasks, expected $((CLIENTS * ROUNDS))"
 ! grep -q "NOT from the warm parent" <<<"$client_logs" || fail "a task did not run on the warm parent"
+! grep -q "run $run_id .*NO REPLY" <<<"$client_logs" || fail "a task of run $run_id ended without pushing its reply"

@@ -1,0 +1,90 @@
+"""Client updates checked against the global model before aggregation.
+
+The first layer a round's replies go through (``../shared/notes/strategy-layers.md``):
+Flower's FedAvg checks only that replies agree on array *names*, and a reply that
+disagrees fails the whole run (``InconsistentMessageReplies``); it averages NaN,
+Inf, huge values, broadcastable wrong shapes and negative weights in silently, and
+divides by zero when every weight is 0. Here each reply is compared with the
+global model the round sent out; a bad one is dropped with its reason, so no later
+layer (aggregation, distillation) ever sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply dropped before aggregation: who sent it and why."""
+
+    node_id: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"node-id": self.node_id, "reason": self.reason}
+
+
+def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "num-examples") -> str | None:
+    """Why ``reply`` (a train reply without error) cannot be aggregated, or None if it can.
+
+    Checks, against ``reference`` (the global model this round sent): exactly one
+    ArrayRecord with the same array names, shapes and dtypes, every value finite;
+    exactly one MetricRecord whose ``weight_key`` is a whole number > 0.
+    """
+    arrays = list(reply.content.array_records.values())
+    metrics = list(reply.content.metric_records.values())
+    if len(arrays) != 1 or len(metrics) != 1:
+        return f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}"
+    update, record = arrays[0], metrics[0]
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"array names differ from the global model: missing {missing}, unexpected {extra}"
+    for name, expected in reference.items():
+        got = update[name]
+        if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+            return (f"array {name!r} is {got.dtype}{list(got.shape)}, "
+                    f"the global model's is {expected.dtype}{list(expected.shape)}")
+        values = got.numpy()
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            return f"array {name!r} has {int((~np.isfinite(values)).sum())} non-finite values (NaN or Inf)"
+    weight = record.get(weight_key)
+    if isinstance(weight, float) and math.isfinite(weight) and weight.is_integer():
+        weight = int(weight)
+    if not isinstance(weight, int) or weight <= 0:
+        return f"{weight_key!r} = {weight!r} is not allowed; it must be a whole number > 0"
+    return None
+
+
+def screen_replies(
+    replies: Iterable[Message], reference: ArrayRecord, weight_key: str = "num-examples"
+) -> tuple[list[Message], list[Message], list[Rejection]]:
+    """Split a round's replies into (valid, error replies, rejections).
+
+    Error replies (a failed or unreachable node) are Flower's own and pass
+    through unchanged for FedAvg to count. Valid replies also agree with the most
+    common set of metric names (FedAvg would otherwise fail the run).
+    """
+    valid, errors, rejected = [], [], []
+    for reply in replies:
+        if reply.has_error():
+            errors.append(reply)
+        elif problem := update_problem(reply, reference, weight_key):
+            rejected.append(Rejection(reply.metadata.src_node_id, problem))
+        else:
+            valid.append(reply)
+    metric_names = [tuple(sorted(next(iter(r.content.metric_records.values())))) for r in valid]
+    if metric_names:
+        usual = Counter(metric_names).most_common(1)[0][0]
+        for reply, names in zip(list(valid), metric_names):
+            if names != usual:
+                valid.remove(reply)
+                rejected.append(Rejection(reply.metadata.src_node_id,
+                                          f"metric names {list(names)} differ from the other replies' {list(usual)}"))
+    return valid, errors, rejected

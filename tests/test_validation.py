@@ -1,0 +1,89 @@
+"""Every client update is checked against the global model before aggregation; one bad reply never
+poisons the model or stops the run (issue 8's table of faults, each row a case)."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.strategy import DistillFedAvg
+from server.validation import screen_replies
+
+GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+GOOD = [({"w": np.full((3, 2), 1.0, np.float32), "b": np.full(2, 1.0, np.float32)}, 10, 1),
+        ({"w": np.full((3, 2), 3.0, np.float32), "b": np.full(2, 3.0, np.float32)}, 30, 2)]
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def reply(weights: dict, num_examples, node_id: int, metrics: dict | None = None) -> Message:
+    request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
+        "metrics": MetricRecord(metrics if metrics is not None else {"num-examples": num_examples, "train-loss": 0.5}),
+    })
+    return Message(content=content, reply_to=request)
+
+
+def aggregate(bad: Message):
+    strategy = DistillFedAvg(distillation=None)
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    arrays, _ = strategy.aggregate_train(1, [reply(*g) for g in GOOD] + [bad])
+    return arrays, strategy.round_stats[1]
+
+
+def good_weights(**changes) -> dict:
+    weights = {k: v.copy() for k, v in GOOD[0][0].items()}
+    weights.update(changes)
+    return {k: v for k, v in weights.items() if v is not None}
+
+
+CASES = {  # case: (the bad reply, built inside a run; the reason it is dropped for)
+    "nan": (lambda: reply(good_weights(w=np.full((3, 2), np.nan, np.float32)), 10, 9), "non-finite"),
+    "inf": (lambda: reply(good_weights(b=np.array([1.0, np.inf], np.float32)), 10, 9), "non-finite"),
+    "shape that cannot broadcast": (lambda: reply(good_weights(w=np.ones((4, 5), np.float32)), 10, 9), "'w' is float32[4, 5]"),
+    "shape that would broadcast": (lambda: reply(good_weights(b=np.ones(1, np.float32)), 10, 9), "'b' is float32[1]"),
+    "dtype": (lambda: reply(good_weights(w=np.ones((3, 2), np.float64)), 10, 9), "'w' is float64[3, 2]"),
+    "missing tensor": (lambda: reply(good_weights(b=None), 10, 9), "missing ['b']"),
+    "extra tensor": (lambda: reply(good_weights(extra=np.ones(1, np.float32)), 10, 9), "unexpected ['extra']"),
+    "negative num-examples": (lambda: reply(good_weights(), -50, 9), "'num-examples' = -50 is not allowed"),
+    "fractional num-examples": (lambda: reply(good_weights(), 2.5, 9), "'num-examples' = 2.5 is not allowed"),
+    "no num-examples": (lambda: reply(good_weights(), 0, 9, metrics={"train-loss": 0.5}), "'num-examples' = None"),
+    "other metric names": (lambda: reply(good_weights(), 10, 9, metrics={"num-examples": 10, "loss": 0.5}), "metric names"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_update_is_dropped_named_and_counted_and_the_rest_are_averaged(case):
+    make_bad, reason = CASES[case]
+    arrays, stats = aggregate(make_bad())
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), 2.5))  # (10·1 + 30·3) / 40
+    np.testing.assert_allclose(arrays["b"].numpy(), np.full(2, 2.5))
+    assert [r["node-id"] for r in stats["rejected"]] == [9] and reason in stats["rejected"][0]["reason"]
+    assert stats["heard-from"] == [1, 2, 9] and stats["failures"] == 0 and len(stats["clients"]) == 2
+
+
+def test_a_round_without_a_valid_update_keeps_the_model_and_skips_distillation():
+    class NoDistillation:
+        def run(self, *_):
+            raise AssertionError("distillation must not run without an aggregate")
+
+    strategy = DistillFedAvg(distillation=NoDistillation())
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    arrays, metrics = strategy.aggregate_train(1, [reply(w, 0, node) for w, _, node in GOOD])
+    assert arrays is None and metrics is None  # Flower's Strategy.start keeps the previous arrays
+    assert len(strategy.round_stats[1]["rejected"]) == 2 and "distill" not in strategy.round_stats[1]
+
+
+def test_error_replies_pass_through_as_failures_not_rejections():
+    from flwr.app import Error
+
+    request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=5, message_type="train")
+    failed = Message(Error(code=5, reason="Node Unavailable"), reply_to=request)
+    valid, errors, rejected = screen_replies([failed, reply(*GOOD[0])], ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
+    assert len(valid) == 1 and errors == [failed] and rejected == []
