@@ -42,6 +42,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "fraction-train": (float, _range(0, 1, lo_open=True)),
     "fraction-evaluate": (float, _range(0, 1)),
     "min-nodes": (int, _range(1)),
+    "node-wait-timeout": (float, _range(0, lo_open=True)),
     "local-epochs": (int, _range(1)),
     "batch-size": (int, _range(1)),
     "lr": (float, _range(0, lo_open=True)),
@@ -92,6 +93,7 @@ class RunConfig:
     fraction_train: float
     fraction_evaluate: float
     min_nodes: int
+    node_wait_timeout: float
     local_epochs: int
     batch_size: int
     lr: float

@@ -17,6 +17,7 @@ from common.models import build_student, build_teacher, model_size
 from common.training import setup_compute
 from server.distillation import ServerDistillation
 from server.reply_poll import ShortPollGrid
+from server.sampling import NoNodesError
 from server.reporting import RunReport
 from server.strategy import DistillFedAvg
 
@@ -35,7 +36,12 @@ def main(grid: Grid, context: Context) -> None:
         # process ends here, and a stack trace would only bury the bad value.
         sys.tracebacklimit = 0
         raise
-    run(grid, config, context.run_id, device, proxy_set, test_set)
+    try:
+        run(grid, config, context.run_id, device, proxy_set, test_set)
+    except NoNodesError as err:
+        log(ERROR, "fl-distill: %s", err)
+        sys.tracebacklimit = 0
+        raise
 
 
 def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
@@ -48,6 +54,8 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
     strategy = DistillFedAvg(
         distillation,
         num_partitions=config.num_partitions,
+        node_wait_timeout=config.node_wait_timeout,
+        round_timeout=config.round_timeout,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_nodes,

@@ -4,30 +4,38 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.app import MessageType
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from server.distillation import ServerDistillation
+from server.sampling import sample, wait_for_nodes
 from server.validation import screen_replies
 
 
 class DistillFedAvg(FedAvg):
     """FedAvg (weights n_i/n via ``num-examples``) that distils after each aggregation.
 
-    Also tells every node which partition of the clients' pool is its own: nodes
-    sorted by ID get 0..n-1, so clients started without a ``partition-id`` in
-    their node config (docker-compose replicas) still train on distinct data.
-    Per-round timings and client metrics land in ``round_stats`` for reporting.
+    Sampling waits at most ``node_wait_timeout`` seconds for ``min_available_nodes``
+    and draws from one snapshot of the connected nodes (``server/sampling.py``);
+    every instruction carries a TTL of ``round_timeout`` so a slow node does not
+    work through stale rounds. Each node is told which partition of the clients'
+    pool is its own: nodes sorted by ID get 0..n-1, so clients started without a
+    ``partition-id`` in their node config (docker-compose replicas) still train on
+    distinct data. Per-round timings and client metrics land in ``round_stats``.
     """
 
-    def __init__(self, distillation: ServerDistillation | None, num_partitions: int = 0, **fedavg_kwargs):
+    def __init__(self, distillation: ServerDistillation | None, num_partitions: int = 0,
+                 node_wait_timeout: float = 300.0, round_timeout: float | None = None, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         self.distillation = distillation
         self.num_partitions = num_partitions  # 0: one partition per node connected at round 1
+        self.node_wait_timeout = node_wait_timeout
+        self.round_timeout = round_timeout
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
@@ -38,30 +46,37 @@ class DistillFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         self.global_arrays = arrays
-        return self._assign_partitions(super().configure_train(server_round, arrays, config, grid), grid)
+        if self.fraction_train == 0.0:
+            return []
+        return self._instructions(server_round, arrays, config, grid, MessageType.TRAIN,
+                                  self.fraction_train, self.min_train_nodes)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._assign_partitions(super().configure_evaluate(server_round, arrays, config, grid), grid)
+        if self.fraction_evaluate == 0.0:
+            return []
+        return self._instructions(server_round, arrays, config, grid, MessageType.EVALUATE,
+                                  self.fraction_evaluate, self.min_evaluate_nodes)
 
-    def _assign_partitions(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
-        """Copy each message with the node's own ``partition-id`` / ``num-partitions``."""
-        messages = list(messages)
-        if messages and not self.partition_of:
-            nodes = sorted(grid.get_node_ids())
-            self.partition_of = {node: i for i, node in enumerate(nodes)}
-            self.num_partitions = self.num_partitions or len(nodes)
-        personalised = []
-        for message in messages:
-            node = message.metadata.dst_node_id
+    def _instructions(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                      message_type: str, fraction: float, minimum: int) -> list[Message]:
+        """One message per sampled node: the model, the config with the node's partition, a TTL."""
+        connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
+        chosen = sample(connected, fraction, minimum)
+        log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
+        if not self.partition_of:
+            self.partition_of = {node: i for i, node in enumerate(connected)}
+            self.num_partitions = self.num_partitions or len(connected)
+        messages = []
+        for node in chosen:
             # A node that joins later shares a partition rather than getting none.
             partition = self.partition_of.setdefault(node, len(self.partition_of)) % self.num_partitions
-            config = ConfigRecord(dict(message.content[self.configrecord_key]))
-            config["partition-id"], config["num-partitions"] = partition, self.num_partitions
-            content = RecordDict({self.arrayrecord_key: message.content[self.arrayrecord_key], self.configrecord_key: config})
-            personalised.append(Message(content=content, dst_node_id=node, message_type=message.metadata.message_type))
-        return personalised
+            node_config = ConfigRecord({**dict(config), "server-round": server_round,
+                                        "partition-id": partition, "num-partitions": self.num_partitions})
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type, ttl=self.round_timeout))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -83,7 +98,7 @@ class DistillFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
-            "heard-from": sorted(r.metadata.src_node_id for r in replies),
+            "heard-from": sorted(r.metadata.src_node_id for r in replies if not r.has_error()),
             "failures": len(errors),
             "rejected": [r.to_dict() for r in rejected],
             "client-metrics": dict(metrics) if metrics is not None else {},

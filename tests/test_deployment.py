@@ -1,6 +1,7 @@
 """End to end: a SuperLink and SuperNodes as separate OS processes, talking gRPC on 127.0.0.1,
 each SuperNode with the warm ClientApp executor beside it (``fl-distill-supernode``)."""
 
+import contextlib
 import json
 import os
 import re
@@ -15,26 +16,35 @@ from scripts import launch
 pytestmark = pytest.mark.slow
 PORTS = launch.Ports(http=8100, fleet=9192)  # apart from the defaults a user's own SuperLink may hold
 CONNECTION = "test-deployment"
-TASK_LINE = re.compile(r"fl-distill-executor: task \d+ run (\d+) (\w+): [\d.]+ s, exit (-?\d+), pid (\d+), parent (\d+)")
+TASK_LINE = re.compile(
+    r"fl-distill-executor: task \d+ run (\d+) (\w+): [\d.]+ s, exit (-?\d+), (replied|NO REPLY), pid (\d+), parent (\d+)")
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    """SuperLink + 3 warm SuperNodes; every process is stopped afterwards, also when a test fails."""
-    home = tmp_path_factory.mktemp("flwr-home")
-    launch.write_connection(home, CONNECTION, PORTS.address)
-    processes = [launch.start_superlink(home, PORTS, simulation=False)]
+@contextlib.contextmanager
+def federation_of(folder, connection: str, ports: launch.Ports, count: int, first_runtime_port: int):
+    """A SuperLink + ``count`` warm SuperNodes; every process is stopped afterwards, also when a test fails."""
+    home = folder / "flwr-home"
+    launch.write_connection(home, connection, ports.address)
+    processes = [launch.start_superlink(home, ports, simulation=False)]
     try:
-        processes += launch.start_supernodes(home, PORTS, count=3, first_runtime_port=9200, executor="warm")
+        processes += launch.start_supernodes(home, ports, count=count, first_runtime_port=first_runtime_port,
+                                             executor="warm")
         yield home, processes
     finally:
         launch.stop(processes)
 
 
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """The shared federation of this module's run tests: 3 warm SuperNodes."""
+    with federation_of(tmp_path_factory.mktemp("shared"), CONNECTION, PORTS, 3, 9200) as running:
+        yield running
+
+
 def executor_tasks(home, node: int) -> list[dict]:
     """The task lines the warm executor of SuperNode ``node`` logged."""
     log = (home / f"supernode-{node}.log").read_text()
-    return [dict(zip(("run", "type", "exit", "pid", "parent"), m.groups())) for m in TASK_LINE.finditer(log)]
+    return [dict(zip(("run", "type", "exit", "reply", "pid", "parent"), m.groups())) for m in TASK_LINE.finditer(log)]
 
 
 def warm_parent(home, node: int) -> int:
@@ -71,7 +81,7 @@ def test_three_warm_supernodes_run_two_rounds_with_distillation_over_grpc(federa
         assert parent in launch.process_tree(supernode.pid)
         tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
         assert [t["type"] for t in tasks] == ["train", "train"]
-        assert all(t["exit"] == "0" and int(t["parent"]) == parent for t in tasks)
+        assert all(t["exit"] == "0" and t["reply"] == "replied" and int(t["parent"]) == parent for t in tasks)
 
 
 def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, tmp_path):
@@ -107,12 +117,7 @@ def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, t
 
 def test_an_executor_killed_mid_task_is_restarted_and_the_task_and_run_still_finish(tmp_path):
     """Then killing the SuperNode stops everything it started: no orphan is left."""
-    home = tmp_path / "flwr-home"
-    ports = launch.Ports(http=8120, fleet=9232)
-    launch.write_connection(home, "kill-test", ports.address)
-    processes = [launch.start_superlink(home, ports, simulation=False)]
-    try:
-        processes += launch.start_supernodes(home, ports, count=1, first_runtime_port=9240, executor="warm")
+    with federation_of(tmp_path, "kill-test", launch.Ports(http=8120, fleet=9232), 1, 9240) as (home, processes):
         supernode, out = processes[1], tmp_path / "out"
         run_id = launch.flwr_run(home, "kill-test", f'num-server-rounds=2 min-nodes=1 local-epochs=15 round-timeout=240 '
                                  f'out-dir="{out}"', stream=False)
@@ -138,8 +143,6 @@ def test_an_executor_killed_mid_task_is_restarted_and_the_task_and_run_still_fin
         while alive := [pid for pid in tree if _alive(pid)]:
             assert time.monotonic() < deadline, f"left running 15 s after the SuperNode was killed: {alive}"
             time.sleep(0.2)
-    finally:
-        launch.stop(processes)
 
 
 def task_processes(home, supernode_pid: int) -> list[int]:
@@ -168,3 +171,25 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_supernode_killed_mid_run_costs_a_bounded_wait_and_the_run_finishes(tmp_path):
+    """min-nodes=3 and one of 3 SuperNodes SIGKILLed after round 1: Flower's sampling would wait forever."""
+    with federation_of(tmp_path, "dropout-test", launch.Ports(http=8140, fleet=9262), 3, 9270) as (home, processes):
+        out = tmp_path / "out"
+        run_id = launch.flwr_run(home, "dropout-test", f'num-server-rounds=3 min-nodes=3 node-wait-timeout=5 '
+                                 f'round-timeout=120 out-dir="{out}"', stream=False)
+        metrics_file = out / str(run_id) / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 2:  # round 1 done
+            assert time.monotonic() < deadline, "round 1 did not finish within 300 s"
+            time.sleep(0.2)
+        killed_at = time.monotonic()
+        os.kill(processes[3].pid, signal.SIGKILL)
+
+        assert launch.wait_finished(home, "dropout-test", run_id, timeout=300) == "finished:completed"
+        assert time.monotonic() - killed_at < 200  # heartbeat expiry (<= 60 s) + node-wait-timeout + compute
+        rows = metrics(out, run_id)
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert len(rows[1]["clients"]) == 3 and len(rows[3]["clients"]) == 2  # the last round went on without it
+        assert rows[3]["teacher"]["accuracy"] >= rows[1]["teacher"]["accuracy"]

@@ -1,11 +1,14 @@
 """DistillFedAvg: FedAvg's n_i/n weighting, partitions handed to nodes, distillation wired in."""
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.sampling import NoNodesError
 from server.strategy import DistillFedAvg
 
 
@@ -61,3 +64,44 @@ def test_server_hands_each_node_its_own_partition():
     assert {m.content["config"]["num-partitions"] for m in messages} == {3}
     again = strategy.configure_evaluate(2, arrays, ConfigRecord({}), grid)
     assert {m.metadata.dst_node_id: m.content["config"]["partition-id"] for m in again} == assigned
+
+
+def test_sampling_waits_for_min_nodes_at_most_node_wait_timeout_then_goes_on_with_those_there():
+    strategy = DistillFedAvg(distillation=None, min_available_nodes=3, min_train_nodes=3, node_wait_timeout=0.3)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    started = time.monotonic()
+    messages = strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid([5, 6]))
+    assert 0.3 <= time.monotonic() - started < 2  # Flower's sample_nodes would wait forever
+    assert sorted(m.metadata.dst_node_id for m in messages) == [5, 6]
+
+
+def test_sampling_with_no_node_at_all_stops_the_run_with_what_to_change():
+    strategy = DistillFedAvg(distillation=None, min_available_nodes=2, node_wait_timeout=0.2)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    with pytest.raises(NoNodesError, match=r"no SuperNode connected within node-wait-timeout = 0.2 s \(min-nodes = 2\)"):
+        strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid([]))
+
+
+class ShrinkingGrid(FakeGrid):
+    """A node leaves right after the first look (FedAvg looked twice and then waited forever)."""
+
+    def get_node_ids(self):
+        nodes, self.node_ids = self.node_ids, self.node_ids[:-1]
+        return nodes
+
+
+def test_a_node_leaving_during_sampling_cannot_hang_the_round():
+    strategy = DistillFedAvg(distillation=None, min_available_nodes=3, min_train_nodes=3, node_wait_timeout=5)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    messages = strategy.configure_train(1, arrays, ConfigRecord({}), ShrinkingGrid([1, 2, 3]))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+
+
+def test_instructions_expire_with_the_round_timeout():
+    strategy = DistillFedAvg(distillation=None, min_available_nodes=1, round_timeout=42.0, fraction_evaluate=0.5)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    train = strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), FakeGrid([1, 2, 3, 4]))
+    evaluate = strategy.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid([1, 2, 3, 4]))
+    assert {m.metadata.ttl for m in [*train, *evaluate]} == {42.0}
+    assert len(train) == 4 and len(evaluate) == 2
+    assert all(m.content["config"]["server-round"] == 1 and m.content["config"]["lr"] == 0.1 for m in train)

@@ -1,0 +1,55 @@
+"""Which nodes a round asks: one snapshot of the connected nodes, after a bounded wait.
+
+Flower 1.39's ``sample_nodes`` (``flwr/serverapp/strategy/strategy_utils.py``)
+waits with no deadline until ``min_available_nodes`` are connected, and FedAvg
+counts the nodes twice (once for the sample size, once in ``sample_nodes``), so
+a node that leaves in between can hang a run too. Here the wait has a deadline,
+and the sample is drawn from the one list the wait returned.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from logging import INFO, WARNING
+
+from flwr.common import log
+from flwr.serverapp import Grid
+
+
+class NoNodesError(RuntimeError):
+    """No node connected within ``node-wait-timeout``: the run stops with this message."""
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The connected node IDs, once ``min_nodes`` are connected or ``timeout`` seconds have passed.
+
+    After the timeout the round goes on with the nodes there are (a WARNING says
+    how many, against ``min-nodes``, and what to change). Raises NoNodesError
+    when none is connected by then.
+    """
+    deadline = time.monotonic() + timeout
+    next_note = 0.0
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        now = time.monotonic()
+        if now >= deadline:
+            if not nodes:
+                raise NoNodesError(
+                    f"no SuperNode connected within node-wait-timeout = {timeout:g} s (min-nodes = {min_nodes}); "
+                    "check that SuperNodes reach the SuperLink's Fleet API, or raise node-wait-timeout")
+            log(WARNING, "fl-distill: %d node(s) connected after waiting %g s for min-nodes = %d; this round "
+                "goes on with them (lower min-nodes, or raise node-wait-timeout, to change this)",
+                len(nodes), timeout, min_nodes)
+            return nodes
+        if now >= next_note:
+            log(INFO, "fl-distill: waiting for nodes: %d connected, min-nodes = %d, %.0f s left",
+                len(nodes), min_nodes, deadline - now)
+            next_note = now + 10
+        time.sleep(min(poll, max(0.0, deadline - now)))
+    return nodes
+
+
+def sample(nodes: list[int], fraction: float, minimum: int) -> list[int]:
+    """``fraction`` of ``nodes`` (at least ``minimum``, at most all of them), drawn at random."""
+    size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    return random.sample(nodes, size)
