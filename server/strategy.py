@@ -6,10 +6,9 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.app import MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from server.distillation import ServerDistillation
