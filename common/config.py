@@ -65,6 +65,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "test-fraction": (float, _range(0, 0.9, lo_open=True)),
     "out-dir": (str, ((lambda v: v != ""), "a folder path")),
     "round-timeout": (float, _range(0, lo_open=True)),
+    "max-update-norm": (float, _range(0)),
     "device": (str, _choice(DEVICES)),
 }
 
@@ -116,6 +117,7 @@ class RunConfig:
     test_fraction: float
     out_dir: str
     round_timeout: float
+    max_update_norm: float
     device: str
 
     @classmethod

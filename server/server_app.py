@@ -56,6 +56,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         num_partitions=config.num_partitions,
         node_wait_timeout=config.node_wait_timeout,
         round_timeout=config.round_timeout,
+        max_update_norm=config.max_update_norm,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_nodes,

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.distillation import ServerDistillation
 from server.sampling import sample, wait_for_nodes
-from server.validation import screen_replies
+from server.validation import clip_update, screen_replies
 
 
 class DistillFedAvg(FedAvg):
@@ -29,12 +29,14 @@ class DistillFedAvg(FedAvg):
     """
 
     def __init__(self, distillation: ServerDistillation | None, num_partitions: int = 0,
-                 node_wait_timeout: float = 300.0, round_timeout: float | None = None, **fedavg_kwargs):
+                 node_wait_timeout: float = 300.0, round_timeout: float | None = None,
+                 max_update_norm: float = 0.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         self.distillation = distillation
         self.num_partitions = num_partitions  # 0: one partition per node connected at round 1
         self.node_wait_timeout = node_wait_timeout
         self.round_timeout = round_timeout
+        self.max_update_norm = max_update_norm  # 0: updates are not clipped
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
@@ -80,12 +82,14 @@ class DistillFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop bad updates, average the rest, then distil (and maybe fine-tune) on the proxy set.
+        """Drop bad updates, clip the rest, average them, then distil (and maybe fine-tune) on the proxy set.
 
         Each reply is checked against the global model this round sent
         (``server/validation.py``); a rejected one is logged with its node and
-        reason. With no valid reply FedAvg returns no arrays: the previous global
-        model stays and distillation is skipped.
+        reason. With ``max_update_norm`` > 0 each update (client model − global
+        model) is scaled to at most that L2 norm. With no valid reply FedAvg
+        returns no arrays: the previous global model stays and distillation is
+        skipped.
         """
         replies = list(replies)
         if self.global_arrays is None:
@@ -94,12 +98,18 @@ class DistillFedAvg(FedAvg):
         for rejection in rejected:
             log(WARNING, "fl-distill: round %d: dropped the update of node %d: %s",
                 server_round, rejection.node_id, rejection.reason)
+        clipped = []
+        if self.max_update_norm > 0:
+            for reply in valid:
+                if (norm := clip_update(reply, self.global_arrays, self.max_update_norm)) > self.max_update_norm:
+                    clipped.append({"node-id": reply.metadata.src_node_id, "norm": norm})
         arrays, metrics = super().aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
             "heard-from": sorted(r.metadata.src_node_id for r in replies if not r.has_error()),
             "failures": len(errors),
             "rejected": [r.to_dict() for r in rejected],
+            "clipped": clipped,
             "client-metrics": dict(metrics) if metrics is not None else {},
             "clients": [
                 {"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values())))}

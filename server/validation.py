@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,22 @@ def screen_replies(
                 rejected.append(Rejection(reply.metadata.src_node_id,
                                           f"metric names {list(names)} differ from the other replies' {list(usual)}"))
     return valid, errors, rejected
+
+
+def clip_update(reply: Message, reference: ArrayRecord, max_norm: float) -> float:
+    """Scale ``reply``'s update (its model minus ``reference``) to an L2 norm of at most ``max_norm``.
+
+    The norm is taken over all floating-point tensors together (as in DP-FedAvg,
+    McMahan et al. 2018); integer tensors (counters) are left alone. Changes the
+    reply's ArrayRecord in place; returns the update's norm before clipping.
+    """
+    update = next(iter(reply.content.array_records.values()))
+    deltas = {name: update[name].numpy().astype(np.float64) - reference[name].numpy()
+              for name in reference if np.issubdtype(reference[name].numpy().dtype, np.floating)}
+    norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas.values())))
+    if norm > max_norm:
+        scale = max_norm / norm
+        for name, delta in deltas.items():
+            base = reference[name].numpy()
+            update[name] = Array((base + delta * scale).astype(base.dtype))
+    return norm

@@ -87,3 +87,26 @@ def test_error_replies_pass_through_as_failures_not_rejections():
     failed = Message(Error(code=5, reason="Node Unavailable"), reply_to=request)
     valid, errors, rejected = screen_replies([failed, reply(*GOOD[0])], ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
     assert len(valid) == 1 and errors == [failed] and rejected == []
+
+
+def test_clipping_bounds_every_update_and_survives_a_huge_one():
+    huge = ({"w": np.full((3, 2), 1e30, np.float32), "b": np.full(2, 1e30, np.float32)}, 10, 9)
+    plain = DistillFedAvg(distillation=None)
+    clipped = DistillFedAvg(distillation=None, max_update_norm=1.0)
+    results = {}
+    for name, strategy in (("plain", plain), ("clipped", clipped)):
+        strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+        results[name], _ = strategy.aggregate_train(1, [reply(*g) for g in GOOD] + [reply(*huge)])
+    assert np.abs(results["plain"]["w"].numpy()).max() > 1e28  # FedAvg alone: the model is ruined
+    aggregate = np.concatenate([results["clipped"][k].numpy().ravel() for k in ("w", "b")])
+    assert np.linalg.norm(aggregate) <= 1.0 + 1e-6  # a mean of updates each of norm <= 1, from a zero model
+    stats = clipped.round_stats[1]
+    assert [c["node-id"] for c in stats["clipped"]] == [1, 2, 9] and stats["clipped"][2]["norm"] > 1e30
+
+
+def test_updates_within_the_norm_are_left_exactly_as_sent():
+    strategy = DistillFedAvg(distillation=None, max_update_norm=100.0)
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    arrays, _ = strategy.aggregate_train(1, [reply(*g) for g in GOOD])
+    np.testing.assert_array_equal(arrays["w"].numpy(), np.full((3, 2), 2.5, np.float32))
+    assert strategy.round_stats[1]["clipped"] == []
