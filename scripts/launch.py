@@ -103,25 +103,22 @@ def start_superlink(flwr_home: Path, ports: Ports, simulation: bool, extra: list
 EXECUTORS = ("warm", "subprocess")
 
 
-def supernode_command(executor: str = "warm", extra: tuple[str, ...] = ()) -> list[str]:
+def supernode_command(executor: str = "warm") -> list[str]:
     """How a SuperNode starts: ``warm`` = ``fl-distill-supernode`` (warm executor, short
     polls; ``client/supernode.py``), ``subprocess`` = stock ``flower-supernode`` (a fresh
     ``flwr-clientapp`` process per message, Flower's 3 s polls)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor = {executor!r} is not allowed; use one of {EXECUTORS}")
-    if executor == "warm":
-        return [bin_path("fl-distill-supernode"), *extra]
-    return [bin_path("flower-supernode")]
+    return [bin_path("fl-distill-supernode" if executor == "warm" else "flower-supernode")]
 
 
 def start_supernodes(
-    flwr_home: Path, ports: Ports, count: int, first_runtime_port: int, executor: str = "warm",
-    launcher_options: tuple[str, ...] = (),
+    flwr_home: Path, ports: Ports, count: int, first_runtime_port: int, executor: str = "warm"
 ) -> list[subprocess.Popen]:
     """``count`` SuperNodes on 127.0.0.1, node i holding partition i of ``count``."""
     return [
         start(
-            [*supernode_command(executor, launcher_options), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
+            [*supernode_command(executor), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
              "--port", str(first_runtime_port + i), "--node-config", f"partition-id={i} num-partitions={count}"],
             flwr_home / f"supernode-{i}.log", flower_env(flwr_home),
         )

@@ -98,12 +98,11 @@ def clip_update(reply: Message, reference: ArrayRecord, max_norm: float) -> floa
     reply's ArrayRecord in place; returns the update's norm before clipping.
     """
     update = next(iter(reply.content.array_records.values()))
-    deltas = {name: update[name].numpy().astype(np.float64) - reference[name].numpy()
-              for name in reference if np.issubdtype(reference[name].numpy().dtype, np.floating)}
+    bases = {name: array.numpy() for name, array in reference.items()}
+    deltas = {name: update[name].numpy().astype(np.float64) - base
+              for name, base in bases.items() if np.issubdtype(base.dtype, np.floating)}
     norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas.values())))
     if norm > max_norm:
-        scale = max_norm / norm
         for name, delta in deltas.items():
-            base = reference[name].numpy()
-            update[name] = Array((base + delta * scale).astype(base.dtype))
+            update[name] = Array((bases[name] + delta * (max_norm / norm)).astype(bases[name].dtype))
     return norm
