@@ -18,6 +18,7 @@ PARTITIONINGS = ("iid", "dirichlet", "shards")
 DISTILL_MODES = ("off", "global", "ensemble")
 DISTILL_TARGETS = ("student", "global", "both")
 DEVICES = ("auto", "cpu", "cuda")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,9 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "out-dir": (str, ((lambda v: v != ""), "a folder path")),
     "round-timeout": (float, _range(0, lo_open=True)),
     "max-update-norm": (float, _range(0)),
+    "aggregation": (str, _choice(AGGREGATIONS)),
+    "trimmed-mean-beta": (float, ((lambda v: 0 <= v < 0.5), "a number >= 0 and < 0.5")),
+    "resume-from": (str, ((lambda v: True), "'' for a new run, or the folder of the run to continue")),
     "device": (str, _choice(DEVICES)),
 }
 
@@ -118,6 +122,9 @@ class RunConfig:
     out_dir: str
     round_timeout: float
     max_update_norm: float
+    aggregation: str
+    trimmed_mean_beta: float
+    resume_from: str
     device: str
 
     @classmethod

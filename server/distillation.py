@@ -164,6 +164,22 @@ class ServerDistillation:
         """The compact model, when this run trains one."""
         return self.student_distiller.learner if self.student_distiller else None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the student, its Adam state and its batch generator's state."""
+        d = self.student_distiller
+        if d is None:
+            return {}
+        return {"student": {k: v.detach().cpu() for k, v in d.learner.state_dict().items()},
+                "optimizer": d.optimizer.state_dict(), "generator": d.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (an empty dict when the run trains no student)."""
+        if self.student_distiller is not None and state:
+            d = self.student_distiller
+            d.learner.load_state_dict(state["student"])
+            d.optimizer.load_state_dict(state["optimizer"])
+            d.generator.set_state(state["generator"])
+
     def _distiller(self, learner: nn.Module) -> Distiller:
         return Distiller(
             learner, self.proxy_train, self.validation, self.settings, self.device,

@@ -2,7 +2,7 @@
 
 Everything lands in ``<out-dir>/<run-id>/``: ``metrics.jsonl`` (a line per
 round, round 0 = the initial models), ``global.safetensors`` and
-``student.safetensors`` (rewritten each round), ``summary.json``, and the
+``student.safetensors`` (rewritten each round), ``resume.pt`` (``server/checkpoint.py``), ``summary.json``, and the
 exported student (``student.pt``, ``student.onnx`` with the onnx extra).
 """
 
@@ -33,14 +33,23 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
 class RunReport:
     """Evaluates teacher and student on the test set each round and writes the run's files."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, test_set: Dataset, device: torch.device):
+    def __init__(self, config: RunConfig, run_dir: Path, test_set: Dataset, device: torch.device,
+                 resume_after: int = 0):
+        """``resume_after`` > 0: continue the run in ``run_dir`` after that round (its later lines are dropped)."""
         self.config = config
         self.run_dir = run_dir
         self.test_set = test_set
         self.device = device
+        self.resume_after = resume_after
         self.rows: list[dict] = []
         self.started = self.last_recorded = time.perf_counter()
-        run_dir.mkdir(parents=True, exist_ok=False)
+        if resume_after:
+            metrics = run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            self.rows = [row for row in map(json.loads, lines) if row["round"] <= resume_after]
+            metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        else:
+            run_dir.mkdir(parents=True, exist_ok=False)
 
     def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict) -> MetricRecord:
         """Test both models, append a metrics line, refresh the checkpoints, log one line."""
@@ -85,6 +94,8 @@ class RunReport:
             "teacher": {**last["teacher"], **vars(model_size(teacher))},
             "config": self.config.to_mapping(),
         }
+        if self.resume_after:
+            summary["resumed-after-round"] = self.resume_after
         if student is not None:
             summary["student"] = {**last["student"], **vars(model_size(student))}
             deployment = deployment_report(teacher, student, self.test_set.input_shape, self.run_dir)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,11 +16,13 @@ from common.config import ConfigError, RunConfig
 from common.data import server_sets
 from common.models import build_student, build_teacher, model_size
 from common.training import setup_compute
+from server import checkpoint
+from server.aggregation import build_aggregator
 from server.distillation import ServerDistillation
 from server.reply_poll import ShortPollGrid
 from server.sampling import NoNodesError
 from server.reporting import RunReport
-from server.strategy import DistillFedAvg
+from server.strategy import DistillStrategy
 
 app = ServerApp()
 
@@ -30,50 +33,63 @@ def main(grid: Grid, context: Context) -> None:
         config = RunConfig.from_mapping(context.run_config)
         device = setup_compute(config.device)
         proxy_set, test_set = server_sets(config)
-    except ConfigError as err:
+        run(grid, config, context.run_id, device, proxy_set, test_set)
+    except (ConfigError, NoNodesError) as err:
         log(ERROR, "fl-distill: %s", err)
         # Fail the run (status finished:failed) with the message alone: this
         # process ends here, and a stack trace would only bury the bad value.
         sys.tracebacklimit = 0
         raise
-    try:
-        run(grid, config, context.run_id, device, proxy_set, test_set)
-    except NoNodesError as err:
-        log(ERROR, "fl-distill: %s", err)
-        sys.tracebacklimit = 0
-        raise
 
 
 def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
+    random.seed(config.seed)  # node sampling
     torch.manual_seed(config.seed)  # the same seed gives the same initial models
     teacher = build_teacher(test_set.input_shape, test_set.num_classes)
     log(INFO, "fl-distill: %s, teacher %s, student %s, proxy set %d, test set %d, device %s",
         config.dataset, model_size(teacher), model_size(build_student(test_set.input_shape, test_set.num_classes)),
         len(proxy_set), len(test_set), device)
+    resumed = checkpoint.load(config) if config.resume_from else None
     distillation = ServerDistillation(config, proxy_set, device) if config.distill != "off" else None
-    strategy = DistillFedAvg(
+    done = 0
+    if resumed is not None:
+        done = resumed.round
+        teacher.load_state_dict(resumed.global_model)
+        if distillation is not None:
+            distillation.load_state_dict(resumed.distillation)
+        random.setstate(resumed.python_rng)
+        log(INFO, "fl-distill: resuming %s after round %d; Flower's [ROUND r/N] below is round r + %d of %d",
+            config.resume_from, done, done, config.num_server_rounds)
+    strategy = DistillStrategy(
+        build_aggregator(config),
         distillation,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_nodes=config.min_nodes,
         num_partitions=config.num_partitions,
         node_wait_timeout=config.node_wait_timeout,
         round_timeout=config.round_timeout,
         max_update_norm=config.max_update_norm,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_nodes,
-        min_evaluate_nodes=min(config.min_nodes, 1 if config.fraction_evaluate else 0),
-        min_available_nodes=config.min_nodes,
+        round_offset=done,
     )
-    report = RunReport(config, Path(config.out_dir) / str(run_id), test_set, device)
+    run_dir = Path(config.resume_from) if resumed else Path(config.out_dir) / str(run_id)
+    report = RunReport(config, run_dir, test_set, device, resume_after=done)
     student = distillation.student if distillation else None
 
-    def evaluate_round(server_round: int, arrays: ArrayRecord):
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:
+            return None  # the run being resumed recorded its rounds
         teacher.load_state_dict(arrays.to_torch_state_dict())
-        return report.record_round(server_round, teacher, student, strategy.round_stats.get(server_round, {}))
+        metrics = report.record_round(server_round + done, teacher, student,
+                                      strategy.round_stats.get(server_round + done, {}))
+        checkpoint.save(run_dir, server_round + done, config, teacher,
+                        distillation.state_dict() if distillation else {})
+        return metrics
 
     strategy.start(
         grid=ShortPollGrid(grid, poll_interval=0.1),
         initial_arrays=ArrayRecord(teacher.state_dict()),
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - done,
         timeout=config.round_timeout,
         evaluate_fn=evaluate_round,
     )

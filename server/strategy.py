@@ -1,7 +1,16 @@
-"""FedAvg plus server-side distillation, and partitions handed out by the server."""
+"""The strategy the ServerApp runs: Flower's aggregation wrapped in sampling, validation, clipping and distillation.
+
+One round's replies go through the layers of ``../shared/notes/strategy-layers.md``
+in this order: validate (``server/validation.py``) → clip (``max-update-norm``)
+→ aggregate (the Flower strategy ``aggregation`` chose, ``server/aggregation.py``)
+→ distil (``server/distillation.py``). As Flower's own DP strategies do
+(``flwr/serverapp/strategy/dp_fixed_clipping.py``), this class holds the inner
+strategy and delegates to it, so a new aggregation needs no new class here.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -9,38 +18,92 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Strategy
 
 from server.distillation import ServerDistillation
 from server.sampling import sample, wait_for_nodes
 from server.validation import clip_update, screen_replies
 
 
-class DistillFedAvg(FedAvg):
-    """FedAvg (weights n_i/n via ``num-examples``) that distils after each aggregation.
+def content_digest(reply: Message) -> bytes:
+    """SHA-256 of a reply's arrays: a sort key that depends neither on arrival order nor on node IDs.
 
-    Sampling waits at most ``node_wait_timeout`` seconds for ``min_available_nodes``
-    and draws from one snapshot of the connected nodes (``server/sampling.py``);
-    every instruction carries a TTL of ``round_timeout`` so a slow node does not
-    work through stale rounds. Each node is told which partition of the clients'
-    pool is its own: nodes sorted by ID get 0..n-1, so clients started without a
-    ``partition-id`` in their node config (docker-compose replicas) still train on
-    distinct data. Per-round timings and client metrics land in ``round_stats``.
+    Float sums depend on their order, so FedAvg over the same client models in
+    another order gives another model. Node IDs are new in every run (and in
+    simulation the node's own ``partition-id`` decides its data), so only the
+    content itself orders the same updates the same way in every run.
+    """
+    digest = hashlib.sha256()
+    for record in reply.content.array_records.values():
+        for name, array in record.items():
+            digest.update(name.encode())
+            digest.update(array.data)
+    return digest.digest()
+
+
+class SampledGrid:
+    """The Grid as the inner strategy sees it while configuring a round: only the sampled nodes.
+
+    Flower's strategies sample in ``configure_train`` with no deadline; shown
+    exactly the nodes this wrapper sampled (and built with fraction 1), they
+    address all of them at once, and still do their own bookkeeping (FedOpt and
+    the DP wrappers keep the round's global model there).
     """
 
-    def __init__(self, distillation: ServerDistillation | None, num_partitions: int = 0,
-                 node_wait_timeout: float = 300.0, round_timeout: float | None = None,
-                 max_update_norm: float = 0.0, **fedavg_kwargs):
-        super().__init__(**fedavg_kwargs)
+    def __init__(self, grid: Grid, node_ids: list[int]):
+        self._grid, self._node_ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+class DistillStrategy(Strategy):
+    """Sampling, reply validation, update clipping and distillation around a Flower aggregation strategy.
+
+    Args:
+        aggregator: the Flower strategy that aggregates (``FedAvg``, ``FedTrimmedAvg``,
+            ``FedMedian``, …), built to use every node it is shown.
+        distillation: the server's distillation, or None for ``distill = 'off'``.
+        fraction_train, fraction_evaluate, min_nodes: as the run-config keys.
+        num_partitions: partitions of the clients' pool; 0 = one per node connected in round 1.
+        node_wait_timeout: seconds to wait for ``min_nodes`` before a round goes on with fewer.
+        round_timeout: seconds; also each instruction's TTL, so a slow node skips stale rounds.
+        max_update_norm: L2 bound on each client update (model − global model); 0 = no clipping.
+        round_offset: rounds already done by the run this one resumes; Flower's round r is round r + offset.
+
+    Each node is told which partition of the pool is its own: nodes sorted by ID
+    get 0..n-1, so clients started without a ``partition-id`` (docker-compose
+    replicas) still train on distinct data. Replies are aggregated in the order of
+    their content (:func:`content_digest`), not of arrival, so a seed repeats a run. Per-round timings, client
+    metrics, failures and rejections land in ``round_stats`` (keyed by true round).
+    """
+
+    def __init__(self, aggregator: FedAvg, distillation: ServerDistillation | None = None, *,
+                 fraction_train: float = 1.0, fraction_evaluate: float = 0.0, min_nodes: int = 1,
+                 num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
+                 max_update_norm: float = 0.0, round_offset: int = 0):
+        super().__init__()
+        self.aggregator = aggregator
         self.distillation = distillation
-        self.num_partitions = num_partitions  # 0: one partition per node connected at round 1
+        self.fraction_train, self.fraction_evaluate, self.min_nodes = fraction_train, fraction_evaluate, min_nodes
+        self.num_partitions = num_partitions
         self.node_wait_timeout = node_wait_timeout
         self.round_timeout = round_timeout
-        self.max_update_norm = max_update_norm  # 0: updates are not clipped
+        self.max_update_norm = max_update_norm
+        self.round_offset = round_offset
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
         self._round_started = 0.0
+
+    def summary(self) -> None:
+        log(INFO, "\t├── fl-distill: sampling %g of the nodes (min-nodes %d), validation, clipping %s, "
+            "distillation %s, around:", self.fraction_train, self.min_nodes,
+            self.max_update_norm or "off", "on" if self.distillation else "off")
+        self.aggregator.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -49,61 +112,72 @@ class DistillFedAvg(FedAvg):
         self.global_arrays = arrays
         if self.fraction_train == 0.0:
             return []
-        return self._instructions(server_round, arrays, config, grid, MessageType.TRAIN,
-                                  self.fraction_train, self.min_train_nodes)
+        return self._instructions(server_round, arrays, config, grid, self.aggregator.configure_train,
+                                  MessageType.TRAIN, self.fraction_train, self.min_nodes)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
-        return self._instructions(server_round, arrays, config, grid, MessageType.EVALUATE,
-                                  self.fraction_evaluate, self.min_evaluate_nodes)
+        return self._instructions(server_round, arrays, config, grid, self.aggregator.configure_evaluate,
+                                  MessageType.EVALUATE, self.fraction_evaluate, min(self.min_nodes, 1))
 
     def _instructions(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-                      message_type: str, fraction: float, minimum: int) -> list[Message]:
-        """One message per sampled node: the model, the config with the node's partition, a TTL."""
-        connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
+                      configure, message_type: str, fraction: float, minimum: int) -> list[Message]:
+        """The inner strategy's messages to the sampled nodes, each with its partition, the true round and a TTL."""
+        connected = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
         chosen = sample(connected, fraction, minimum)
         log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
         if not self.partition_of:
             self.partition_of = {node: i for i, node in enumerate(connected)}
             self.num_partitions = self.num_partitions or len(connected)
         messages = []
-        for node in chosen:
+        for message in configure(server_round, arrays, config, SampledGrid(grid, chosen)):
+            node = message.metadata.dst_node_id
             # A node that joins later shares a partition rather than getting none.
             partition = self.partition_of.setdefault(node, len(self.partition_of)) % self.num_partitions
-            node_config = ConfigRecord({**dict(config), "server-round": server_round,
-                                        "partition-id": partition, "num-partitions": self.num_partitions})
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
-            messages.append(Message(content=content, dst_node_id=node, message_type=message_type, ttl=self.round_timeout))
+            content = RecordDict(dict(message.content.items()))
+            for key, record in message.content.config_records.items():
+                content[key] = ConfigRecord({**dict(record), "server-round": server_round + self.round_offset,
+                                             "partition-id": partition, "num-partitions": self.num_partitions})
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type,
+                                    ttl=self.round_timeout))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop bad updates, clip the rest, average them, then distil (and maybe fine-tune) on the proxy set.
+        """Drop bad updates, clip the rest, aggregate them, then distil (and maybe fine-tune) on the proxy set.
 
-        Each reply is checked against the global model this round sent
-        (``server/validation.py``); a rejected one is logged with its node and
-        reason. With ``max_update_norm`` > 0 each update (client model − global
-        model) is scaled to at most that L2 norm. With no valid reply FedAvg
-        returns no arrays: the previous global model stays and distillation is
-        skipped.
+        Each reply is checked against the global model this round sent; a
+        rejected one is logged with its node and reason. With ``max_update_norm``
+        > 0 each update (client model − global model) is scaled to at most that
+        L2 norm. With no valid reply the aggregator returns no arrays: the
+        previous global model stays and distillation is skipped.
         """
         replies = list(replies)
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train before configure_train: no global model to check replies against")
-        valid, errors, rejected = screen_replies(replies, self.global_arrays, self.weighted_by_key)
+        true_round = server_round + self.round_offset
+        valid, errors, rejected = screen_replies(replies, self.global_arrays, self.aggregator.weighted_by_key)
         for rejection in rejected:
             log(WARNING, "fl-distill: round %d: dropped the update of node %d: %s",
-                server_round, rejection.node_id, rejection.reason)
+                true_round, rejection.node_id, rejection.reason)
+        valid.sort(key=content_digest)
         clipped = []
         if self.max_update_norm > 0:
             for reply in valid:
                 if (norm := clip_update(reply, self.global_arrays, self.max_update_norm)) > self.max_update_norm:
                     clipped.append({"node-id": reply.metadata.src_node_id, "norm": norm})
-        arrays, metrics = super().aggregate_train(server_round, valid + errors)
+        if isinstance(self.aggregator, FedTrimmedAvg) and valid and int(self.aggregator.beta * len(valid)) == 0:
+            log(WARNING, "fl-distill: trimmed-mean-beta = %g trims nothing from %d updates (it cuts int(beta * %d) "
+                "= 0 from each end); raise it to at least %.3g", self.aggregator.beta, len(valid), len(valid),
+                1 / len(valid))
+        key = self.aggregator.arrayrecord_key
+        # Robust aggregators take the arrays out of the replies: the ensemble keeps its own view.
+        client_arrays = [ArrayRecord(dict(r.content[key].items())) for r in valid]
+        arrays, metrics = self.aggregator.aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
             "heard-from": sorted(r.metadata.src_node_id for r in replies if not r.has_error()),
@@ -117,7 +191,9 @@ class DistillFedAvg(FedAvg):
             ],
         }
         if arrays is not None and self.distillation is not None:
-            client_arrays = [r.content[self.arrayrecord_key] for r in valid]
             arrays, stats["distill"] = self.distillation.run(arrays, client_arrays)
-        self.round_stats[server_round] = stats
+        self.round_stats[true_round] = stats
         return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.aggregator.aggregate_evaluate(server_round, replies)

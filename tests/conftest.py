@@ -25,3 +25,18 @@ def raw_config() -> dict:
 @pytest.fixture
 def config(raw_config) -> RunConfig:
     return RunConfig.from_mapping(raw_config)
+
+
+@pytest.fixture
+def make_strategy(config):
+    """The ServerApp's strategy around the Flower aggregation named, with the default config otherwise."""
+    from dataclasses import replace
+
+    from server.aggregation import build_aggregator
+    from server.strategy import DistillStrategy
+
+    def make(aggregation: str = "fedavg", distillation=None, trimmed_mean_beta: float = 0.2, **kwargs):
+        chosen = replace(config, aggregation=aggregation, trimmed_mean_beta=trimmed_mean_beta)
+        return DistillStrategy(build_aggregator(chosen), distillation, **kwargs)
+
+    return make

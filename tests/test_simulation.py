@@ -60,3 +60,40 @@ def test_every_distillation_mode_completes(superlink, tmp_path, mode):
     summary = json.loads((out / str(run_id) / "summary.json").read_text())
     assert ("student" in summary) == ("off" not in mode)
     assert (out / str(run_id) / "student.pt").exists() == ("off" not in mode)
+
+
+def test_a_run_resumed_after_2_rounds_ends_as_an_uninterrupted_4_round_run(superlink, tmp_path):
+    out = tmp_path / "out"
+    common = f'distill="ensemble" distill-target="both" distill-steps=20 out-dir="{out}"'
+    whole_id, whole_status, _ = simulate(superlink, f"num-server-rounds=4 {common}")
+    first_id, first_status, _ = simulate(superlink, f"num-server-rounds=2 {common}")
+    assert whole_status == first_status == "finished:completed"
+    run_dir = out / str(first_id)
+    _, resumed_status, lines = simulate(superlink, f'num-server-rounds=4 resume-from="{run_dir}" {common}')
+    assert resumed_status == "finished:completed", "\n".join(lines)
+    assert "resuming" in "\n".join(lines)
+
+    def rows(run):
+        return [json.loads(line) for line in (out / str(run) / "metrics.jsonl").read_text().splitlines()]
+
+    resumed, whole = rows(first_id), rows(whole_id)
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]  # appended to the same file
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in (out / str(whole_id)).iterdir())
+    # Same seed, same state carried over (models, the student's Adam, its batch generator): same numbers.
+    for a, b in zip(resumed, whole):
+        assert (a["teacher"], a["student"]) == (b["teacher"], b["student"]), a["round"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["resumed-after-round"] == 2
+
+
+def test_a_changed_learning_key_on_resume_is_refused_at_start(superlink, tmp_path):
+    out = tmp_path / "out"
+    first_id, status, _ = simulate(superlink, f'num-server-rounds=1 distill-steps=20 out-dir="{out}"', clients=2)
+    assert status == "finished:completed"
+    run_dir = out / str(first_id)
+    before = (run_dir / "metrics.jsonl").read_text()
+    _, status, lines = simulate(superlink, f'num-server-rounds=2 lr=0.5 resume-from="{run_dir}" '
+                                f'distill-steps=20 out-dir="{out}"', clients=2)
+    assert status != "finished:completed"
+    assert "'lr' = 0.5 differs from the run being resumed (0.05)" in "\n".join(lines)
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing already written is lost

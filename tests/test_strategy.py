@@ -1,4 +1,4 @@
-"""DistillFedAvg: FedAvg's n_i/n weighting, partitions handed to nodes, distillation wired in."""
+"""The server strategy: FedAvg's n_i/n weighting, partitions handed to nodes, distillation wired in."""
 
 import time
 
@@ -9,7 +9,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.sampling import NoNodesError
-from server.strategy import DistillFedAvg
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +37,11 @@ class FakeGrid:
         return self.node_ids
 
 
-def test_aggregate_is_the_example_weighted_mean_of_client_models():
+def test_aggregate_is_the_example_weighted_mean_of_client_models(make_strategy):
     rng = np.random.default_rng(0)
     updates = [({"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)}, n)
                for n in (10, 30, 60)]
-    strategy = DistillFedAvg(distillation=None)
+    strategy = make_strategy()
     strategy.global_arrays = ArrayRecord({k: Array(np.zeros_like(v)) for k, v in updates[0][0].items()})
     arrays, metrics = strategy.aggregate_train(1, [reply(w, n, i + 1) for i, (w, n) in enumerate(updates)])
     total = sum(n for _, n in updates)
@@ -54,8 +53,8 @@ def test_aggregate_is_the_example_weighted_mean_of_client_models():
     assert [c["num-examples"] for c in stats["clients"]] == [10, 30, 60] and stats["failures"] == 0
 
 
-def test_server_hands_each_node_its_own_partition():
-    strategy = DistillFedAvg(distillation=None, min_available_nodes=1)
+def test_server_hands_each_node_its_own_partition(make_strategy):
+    strategy = make_strategy(min_nodes=1, fraction_evaluate=1.0)
     grid = FakeGrid([907, 12, 455])
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     messages = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
@@ -66,8 +65,8 @@ def test_server_hands_each_node_its_own_partition():
     assert {m.metadata.dst_node_id: m.content["config"]["partition-id"] for m in again} == assigned
 
 
-def test_sampling_waits_for_min_nodes_at_most_node_wait_timeout_then_goes_on_with_those_there():
-    strategy = DistillFedAvg(distillation=None, min_available_nodes=3, min_train_nodes=3, node_wait_timeout=0.3)
+def test_sampling_waits_for_min_nodes_at_most_node_wait_timeout_then_goes_on_with_those_there(make_strategy):
+    strategy = make_strategy(min_nodes=3, node_wait_timeout=0.3)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     started = time.monotonic()
     messages = strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid([5, 6]))
@@ -75,8 +74,8 @@ def test_sampling_waits_for_min_nodes_at_most_node_wait_timeout_then_goes_on_wit
     assert sorted(m.metadata.dst_node_id for m in messages) == [5, 6]
 
 
-def test_sampling_with_no_node_at_all_stops_the_run_with_what_to_change():
-    strategy = DistillFedAvg(distillation=None, min_available_nodes=2, node_wait_timeout=0.2)
+def test_sampling_with_no_node_at_all_stops_the_run_with_what_to_change(make_strategy):
+    strategy = make_strategy(min_nodes=2, node_wait_timeout=0.2)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     with pytest.raises(NoNodesError, match=r"no SuperNode connected within node-wait-timeout = 0.2 s \(min-nodes = 2\)"):
         strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid([]))
@@ -90,15 +89,15 @@ class ShrinkingGrid(FakeGrid):
         return nodes
 
 
-def test_a_node_leaving_during_sampling_cannot_hang_the_round():
-    strategy = DistillFedAvg(distillation=None, min_available_nodes=3, min_train_nodes=3, node_wait_timeout=5)
+def test_a_node_leaving_during_sampling_cannot_hang_the_round(make_strategy):
+    strategy = make_strategy(min_nodes=3, node_wait_timeout=5)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     messages = strategy.configure_train(1, arrays, ConfigRecord({}), ShrinkingGrid([1, 2, 3]))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
 
 
-def test_instructions_expire_with_the_round_timeout():
-    strategy = DistillFedAvg(distillation=None, min_available_nodes=1, round_timeout=42.0, fraction_evaluate=0.5)
+def test_instructions_expire_with_the_round_timeout(make_strategy):
+    strategy = make_strategy(min_nodes=1, round_timeout=42.0, fraction_evaluate=0.5)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     train = strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), FakeGrid([1, 2, 3, 4]))
     evaluate = strategy.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid([1, 2, 3, 4]))
