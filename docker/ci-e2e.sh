@@ -17,8 +17,10 @@
 #    when there is one), that the outputs are on the `outputs` volume, and that
 #    every client's tasks ran on its warm executor (FLD_EXECUTOR=warm, forked
 #    from the warm parent, not fresh flwr-clientapp processes);
-# 6. shows that a SuperNode with an unregistered key is refused, and that the
-#    SuperLink remembers the run across a restart (--database on a volume);
+# 6. shows that a SuperNode with an unregistered key is refused, that the
+#    SuperLink remembers the run across a restart (--database on a volume), and
+#    that after the restart the clients rejoin and `resume-from="outputs/<run>"`
+#    continues the run for one more round in its folder;
 # 7. `down -v`, removes the images, build cache and files it made, and stops
 #    dockerd if it started it (also on failure, via a trap).
 # Exits non-zero on any failure. This file holds the settings and the cleanup;

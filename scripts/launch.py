@@ -71,6 +71,12 @@ def stop(processes: Iterable[subprocess.Popen], grace: float = 10.0) -> None:
         p.wait()
 
 
+def crash(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` and everything in its process group, as a host failure would."""
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(p.pid, sig)

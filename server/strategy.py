@@ -97,7 +97,7 @@ class DistillStrategy(Strategy):
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
-        self._round_started = 0.0
+        self._round_started = self._node_wait = 0.0
 
     def summary(self) -> None:
         log(INFO, "\t├── fl-distill: sampling %g of the nodes (min-nodes %d), validation, clipping %s, "
@@ -126,7 +126,9 @@ class DistillStrategy(Strategy):
     def _instructions(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                       configure, message_type: str, fraction: float, minimum: int) -> list[Message]:
         """The inner strategy's messages to the sampled nodes, each with its partition, the true round and a TTL."""
+        waited = time.perf_counter()
         connected = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
+        self._node_wait = time.perf_counter() - waited
         chosen = sample(connected, fraction, minimum)
         log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
         if not self.partition_of:
@@ -180,6 +182,7 @@ class DistillStrategy(Strategy):
         arrays, metrics = self.aggregator.aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
+            "node-wait-seconds": self._node_wait,
             "heard-from": sorted(r.metadata.src_node_id for r in replies if not r.has_error()),
             "failures": len(errors),
             "rejected": [r.to_dict() for r in rejected],

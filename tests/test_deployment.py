@@ -21,11 +21,15 @@ TASK_LINE = re.compile(
 
 
 @contextlib.contextmanager
-def federation_of(folder, connection: str, ports: launch.Ports, count: int, first_runtime_port: int):
-    """A SuperLink + ``count`` warm SuperNodes; every process is stopped afterwards, also when a test fails."""
+def federation_of(folder, connection: str, ports: launch.Ports, count: int, first_runtime_port: int,
+                  superlink_args: tuple[str, ...] = ()):
+    """A SuperLink + ``count`` warm SuperNodes; every process is stopped afterwards, also when a test fails.
+
+    The list it yields is the one stopped at the end: a test that replaces a process appends the new one.
+    """
     home = folder / "flwr-home"
     launch.write_connection(home, connection, ports.address)
-    processes = [launch.start_superlink(home, ports, simulation=False)]
+    processes = [launch.start_superlink(home, ports, simulation=False, extra=list(superlink_args))]
     try:
         processes += launch.start_supernodes(home, ports, count=count, first_runtime_port=first_runtime_port,
                                              executor="warm")
@@ -193,3 +197,32 @@ def test_a_supernode_killed_mid_run_costs_a_bounded_wait_and_the_run_finishes(tm
         assert [r["round"] for r in rows] == [0, 1, 2, 3]
         assert len(rows[1]["clients"]) == 3 and len(rows[3]["clients"]) == 2  # the last round went on without it
         assert rows[3]["teacher"]["accuracy"] >= rows[1]["teacher"]["accuracy"]
+
+
+def test_a_run_whose_superlink_was_killed_is_resumed_from_its_checkpoint(tmp_path):
+    """SIGKILL the SuperLink (and the ServerApp with it) after round 2 of 4, restart it on its database, resume."""
+    ports = launch.Ports(http=8160, fleet=9282)
+    state = tmp_path / "superlink.db"
+    with federation_of(tmp_path, "restart-test", ports, 3, 9290, ("--database", str(state))) as (home, processes):
+        out = tmp_path / "out"
+        settings = f'num-server-rounds=4 distill-steps=20 round-timeout=120 out-dir="{out}"'
+        run_id = launch.flwr_run(home, "restart-test", settings, stream=False)
+        metrics_file = out / str(run_id) / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3:  # round 2 done
+            assert time.monotonic() < deadline, "round 2 did not finish within 300 s"
+            time.sleep(0.2)
+        time.sleep(0.5)  # resume.pt follows the metrics line
+        launch.crash(processes[0])
+        processes.append(launch.start_superlink(home, ports, simulation=False, extra=["--database", str(state)]))
+
+        restarted = time.monotonic()
+        resumed_id = launch.flwr_run(home, "restart-test", f'{settings} resume-from="{out / str(run_id)}"',
+                                     stream=False)
+        assert launch.wait_finished(home, "restart-test", resumed_id, timeout=400) == "finished:completed"
+        rows = metrics(out, run_id)
+        assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # the interrupted run's folder, continued
+        assert len(rows[4]["clients"]) == 3  # the SuperNodes rejoined the restarted SuperLink by themselves
+        assert rows[4]["teacher"]["accuracy"] >= rows[2]["teacher"]["accuracy"] - 0.02
+        assert json.loads((out / str(run_id) / "summary.json").read_text())["resumed-after-round"] >= 2
+        assert time.monotonic() - restarted < 300

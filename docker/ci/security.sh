@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# docker/ci-e2e.sh, sourced: Steps 6-7: an unregistered key is refused; a SuperLink restart keeps the run; down -v.
+# docker/ci-e2e.sh, sourced: Steps 6-7: an unregistered key is refused; a SuperLink restart keeps the run and
+# resume-from continues it; down -v.
 
 step "a SuperNode with an unregistered key is refused"
 set +e
@@ -28,6 +29,16 @@ after=$(flwr_net ls --run-id "$run_id" --format json \
     | python3 -c "import json,sys; print(json.load(sys.stdin)['runs'][0]['status'])")
 echo "after restart: run $run_id -> $after"
 [ "$after" = "finished:completed" ] || fail "run $run_id forgotten after restart ($after)"
+
+step "after the restart, resume-from continues run $run_id for one more round in its folder"
+first_run=$run_id
+FLD_RUN_CONFIG="${FLD_RUN_CONFIG/num-server-rounds=$ROUNDS/num-server-rounds=$((ROUNDS + 1))} resume-from=\"outputs/$first_run\""
+export FLD_RUN_CONFIG
+submit_run "$work/resume.log"
+lines=$(docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint bash "$SUPERLINK_IMAGE" \
+    -c "wc -l < /outputs/$first_run/metrics.jsonl")
+echo "outputs/$first_run/metrics.jsonl: $lines lines (rounds 0..$((ROUNDS + 1)))"
+[ "$lines" = $((ROUNDS + 2)) ] || fail "resumed run did not append round $((ROUNDS + 1)) to run $first_run's metrics"
 
 step "compose down -v"
 compose --profile run down -v --remove-orphans --timeout 20
