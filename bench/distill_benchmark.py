@@ -32,6 +32,17 @@ CONNECTION = "fl-distill-bench"
 PORTS = launch.Ports(http=8200, fleet=9292)  # apart from run.sh's and the tests' SuperLinks
 
 
+def run_one(home: Path, run_config: str, clients: int, runs: Path) -> tuple[list[dict], dict]:
+    """One simulation of the shipped app on the running SuperLink; its metrics rows and summary."""
+    run_id = launch.flwr_run(home, CONNECTION, f'{run_config} out-dir="{runs}"', f"num-supernodes={clients}",
+                             echo=lambda _: None)
+    status = launch.wait_finished(home, CONNECTION, run_id, timeout=600)
+    if status != "finished:completed":
+        raise RuntimeError(f"run {run_id} ({run_config}) ended {status}")
+    rows = [json.loads(line) for line in (runs / str(run_id) / "metrics.jsonl").open()]
+    return rows, json.loads((runs / str(run_id) / "summary.json").read_text())
+
+
 def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
     """One simulation per (partitioning, method, seed); returns their metrics rows."""
     home = out / "flwr-home"
@@ -42,16 +53,9 @@ def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
         for part, part_cfg in PARTITIONINGS.items():
             for method, method_cfg in METHODS.items():
                 for seed in range(args.seeds):
-                    run_config = (
-                        f'{part_cfg} {method_cfg} seed={seed} num-server-rounds={args.rounds} '
-                        f'dataset="{args.dataset}" data-root="{args.data_root}" out-dir="{out / "runs"}"'
-                    )
-                    run_id = launch.flwr_run(home, CONNECTION, run_config, f"num-supernodes={args.clients}", echo=lambda _: None)
-                    status = launch.wait_finished(home, CONNECTION, run_id, timeout=600)
-                    if status != "finished:completed":
-                        raise RuntimeError(f"run {run_id} ({part}, {method}, seed {seed}) ended {status}")
-                    rows = [json.loads(line) for line in (out / "runs" / str(run_id) / "metrics.jsonl").open()]
-                    summary = json.loads((out / "runs" / str(run_id) / "summary.json").read_text())
+                    run_config = (f'{part_cfg} {method_cfg} seed={seed} num-server-rounds={args.rounds} '
+                                  f'dataset="{args.dataset}" data-root="{args.data_root}"')
+                    rows, summary = run_one(home, run_config, args.clients, out / "runs")
                     results.append({"partitioning": part, "method": method, "seed": seed, "rows": rows, "summary": summary})
                     print(f"  {part:7} {method:18} seed {seed}: teacher {rows[-1]['teacher']['accuracy']:.4f}", flush=True)
     finally:

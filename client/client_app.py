@@ -7,13 +7,14 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.local_dp import local_dp
 from common.config import ConfigError, RunConfig
 from common.data import Dataset, client_set
 from common.image_folder import load_image_folder
 from common.models import build_teacher
 from common.training import evaluate, setup_compute, train_local
 
-app = ClientApp()
+app = ClientApp(mods=[local_dp])  # dp = 'local': clip and noise the update before it leaves (client/local_dp.py)
 
 
 def partition_of(node_config: dict, message_config: dict) -> tuple[int, int]:

@@ -19,6 +19,7 @@ DISTILL_MODES = ("off", "global", "ensemble")
 DISTILL_TARGETS = ("student", "global", "both")
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+DP_MODES = ("off", "central", "local")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,11 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "max-update-norm": (float, _range(0)),
     "aggregation": (str, _choice(AGGREGATIONS)),
     "trimmed-mean-beta": (float, ((lambda v: 0 <= v < 0.5), "a number >= 0 and < 0.5")),
+    "dp": (str, _choice(DP_MODES)),
+    "dp-clipping-norm": (float, _range(0, lo_open=True)),
+    "dp-noise-multiplier": (float, _range(0)),
+    "dp-local-epsilon": (float, _range(0, lo_open=True)),
+    "dp-delta": (float, ((lambda v: 0 <= v < 1), "a number >= 0 and < 1 (0: 1 / the number of pool examples)")),
     "resume-from": (str, ((lambda v: True), "'' for a new run, or the folder of the run to continue")),
     "device": (str, _choice(DEVICES)),
 }
@@ -124,6 +130,11 @@ class RunConfig:
     max_update_norm: float
     aggregation: str
     trimmed_mean_beta: float
+    dp: str
+    dp_clipping_norm: float
+    dp_noise_multiplier: float
+    dp_local_epsilon: float
+    dp_delta: float
     resume_from: str
     device: str
 
@@ -156,6 +167,16 @@ class RunConfig:
                 f"run config 'distill-target' = {config.distill_target!r} needs distill = 'ensemble' "
                 f"(distill = {config.distill!r} can only train the 'student')"
             )
+        if config.dp == "central" and config.distill == "ensemble":
+            raise ConfigError(
+                "run config 'dp' = 'central' with 'distill' = 'ensemble' is refused: the ensemble teacher reads each "
+                "client's own model, which central DP (noise on the aggregate only) does not protect; use "
+                "dp = 'local' (clients noise their own updates) or distill = 'global' (the noised aggregate teaches)")
+        if config.dp == "central" and config.aggregation != "fedavg":
+            raise ConfigError(
+                f"run config 'dp' = 'central' with 'aggregation' = {config.aggregation!r} is refused: central DP's "
+                "noise (noise multiplier x clipping norm / clients) is calibrated for the mean of clipped updates; "
+                "use aggregation = 'fedavg', or dp = 'local', which works with every aggregation")
         return config
 
     def to_mapping(self) -> dict[str, Any]:

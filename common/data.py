@@ -192,6 +192,12 @@ def server_sets(config: RunConfig) -> tuple[Dataset, Dataset]:
     return data.subset(split.proxy), data.subset(split.test)
 
 
+def pool_size(config: RunConfig) -> int:
+    """How many examples the clients' pool holds (the default δ of differential privacy is its inverse)."""
+    data = load_dataset(config.dataset, config.data_root, config.download)
+    return len(split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool)
+
+
 def client_set(config: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
     """Client ``partition_id``'s share of the clients' pool."""
     if not 0 <= partition_id < num_partitions:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Print the app's runtime requirements, one per line, for the container images.
 
-Reads ``[project].dependencies`` from the app's pyproject.toml (the single source
-of truth) and drops the ``simulation`` extra of flwr: SuperLink/SuperNode
+Reads ``[project].dependencies`` and the ``dp`` extra (``dp = "central"`` needs
+the accountant in the ServerApp) from the app's pyproject.toml (the single
+source of truth) and drops the ``simulation`` extra of flwr: SuperLink/SuperNode
 containers run the deployment runtime and do not need Ray.
 
     python3 docker/image-requirements.py pyproject.toml > requirements.txt
@@ -15,7 +16,8 @@ import tomllib
 
 def main(path: str) -> None:
     with open(path, "rb") as f:
-        deps = tomllib.load(f)["project"]["dependencies"]
+        project = tomllib.load(f)["project"]
+    deps = project["dependencies"] + project.get("optional-dependencies", {}).get("dp", [])
     for dep in deps:
         # "flwr[simulation]>=1.39,<1.40" -> "flwr>=1.39,<1.40"
         m = re.match(r"^\s*(flwr)\s*\[([^\]]*)\](.*)$", dep)

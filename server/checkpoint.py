@@ -5,7 +5,8 @@ SuperLink restart fails the running run, and ``Strategy.start`` always counts
 from round 1. So each round the ServerApp writes ``resume.pt`` into its run
 folder (after the round's ``metrics.jsonl`` line), atomically: the round number,
 the config the run ran with, the global model, the student with its optimizer
-and sampling-generator state, and Python's RNG (node sampling). A new run with
+and sampling-generator state, Python's RNG (node sampling) and the privacy
+accountant's compositions (``dp``). A new run with
 ``resume-from = '<run folder>'`` loads it and goes on from the next round, in
 the same folder.
 """
@@ -37,9 +38,11 @@ class Resumable:
     global_model: dict[str, torch.Tensor]
     distillation: dict
     python_rng: tuple
+    privacy: dict
 
 
-def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.Module, distillation: dict) -> None:
+def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.Module, distillation: dict,
+         privacy: dict | None = None) -> None:
     """Write ``run_dir/resume.pt`` for ``server_round`` (written to a temporary file, then renamed)."""
     state = {
         "round": server_round,
@@ -47,6 +50,7 @@ def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.M
         "global_model": {k: v.detach().cpu() for k, v in global_model.state_dict().items()},
         "distillation": distillation,
         "python_rng": random.getstate(),
+        "privacy": privacy or {},
     }
     tmp = run_dir / (RESUME_FILE + ".tmp")
     torch.save(state, tmp)
@@ -77,7 +81,7 @@ def load(config: RunConfig) -> Resumable:
             f"run config 'num-server-rounds' = {config.num_server_rounds}: the run in {config.resume_from!r} has "
             f"already done {state['round']} rounds; set num-server-rounds to the total wanted (> {state['round']})")
     return Resumable(state["round"], before, state["global_model"], state["distillation"],
-                     _as_rng_state(state["python_rng"]))
+                     _as_rng_state(state["python_rng"]), state.get("privacy", {}))
 
 
 def _as_rng_state(value) -> tuple:

@@ -81,6 +81,8 @@ class RunReport:
             line += f"  | round {row['round-seconds']:.1f}s: train {row['train-seconds']:.1f}s"
         if "distill" in row:
             line += f"  distill {row['distill']['seconds']:.1f}s"
+        if "privacy" in row:
+            line += f"  | {privacy_text(row['privacy'])}"
         if "eval-accuracy" in row.get("client-metrics", {}):
             line += f"  | clients' local acc before training {row['client-metrics']['eval-accuracy']:.3f}"
         return line
@@ -96,6 +98,9 @@ class RunReport:
         }
         if self.resume_after:
             summary["resumed-after-round"] = self.resume_after
+        privacy = [row["privacy"] for row in self.rows if "privacy" in row]
+        if privacy:
+            summary["privacy"] = privacy[-1]
         if student is not None:
             summary["student"] = {**last["student"], **vars(model_size(student))}
             deployment = deployment_report(teacher, student, self.test_set.input_shape, self.run_dir)
@@ -108,17 +113,27 @@ class RunReport:
         return summary
 
 
+def privacy_text(privacy: dict) -> str:
+    """'ε 3.54 (δ 0.001, central DP)': the privacy spent so far, for log lines."""
+    per_client = ", per client" if privacy["mechanism"] == "local" else ""
+    return f"ε {privacy['epsilon']:.3g} (δ {privacy['delta']:.3g}, {privacy['mechanism']} DP{per_client})"
+
+
 def summary_table(summary: dict) -> str:
-    """The end-of-run table: one row per model."""
-    header = f"{'model':<8} {'test acc':>8} {'test loss':>9} {'params':>10} {'MB':>6} {'ms/sample':>9}"
+    """The end-of-run table: one row per model, with the ε spent when the run used DP."""
+    privacy = summary.get("privacy")
+    header = f"{'model':<8} {'test acc':>8} {'ε':>7} {'test loss':>9} {'params':>10} {'MB':>6} {'ms/sample':>9}"
     lines = [f"fl-distill: {summary['rounds']} rounds in {summary['seconds']:.0f}s", header, "-" * len(header)]
     for name in ("teacher", "student"):
         if name in summary:
             m = summary[name]
             latency = f"{m['latency-ms']:>9.3f}" if "latency-ms" in m else f"{'-':>9}"
-            lines.append(
-                f"{name:<8} {m['accuracy']:>8.4f} {m['loss']:>9.4f} {m['parameters']:>10,} {m['megabytes']:>6.2f} {latency}"
-            )
+            epsilon = f"{privacy['epsilon']:>7.3g}" if privacy else f"{'-':>7}"
+            lines.append(f"{name:<8} {m['accuracy']:>8.4f} {epsilon} {m['loss']:>9.4f} {m['parameters']:>10,} "
+                         f"{m['megabytes']:>6.2f} {latency}")
+    if privacy:
+        lines.append(f"privacy: {privacy_text(privacy)} after {privacy['releases']} releases, noise multiplier "
+                     f"{privacy['noise-multiplier']:.3g}")
     for name in ("teacher", "student"):
         if "files" in summary.get(name, {}):
             files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary[name]["files"].values())

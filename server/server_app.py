@@ -8,7 +8,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -19,6 +19,7 @@ from common.training import setup_compute
 from server import checkpoint
 from server.aggregation import build_aggregator
 from server.distillation import ServerDistillation
+from server.privacy import with_privacy
 from server.reply_poll import ShortPollGrid
 from server.sampling import NoNodesError
 from server.reporting import RunReport
@@ -60,8 +61,11 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         random.setstate(resumed.python_rng)
         log(INFO, "fl-distill: resuming %s after round %d; Flower's [ROUND r/N] below is round r + %d of %d",
             config.resume_from, done, done, config.num_server_rounds)
+    aggregator, privacy = with_privacy(build_aggregator(config), config)
+    if resumed is not None and privacy is not None:
+        privacy.load_state_dict(resumed.privacy)
     strategy = DistillStrategy(
-        build_aggregator(config),
+        aggregator,
         distillation,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -80,15 +84,20 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         if server_round == 0 and done:
             return None  # the run being resumed recorded its rounds
         teacher.load_state_dict(arrays.to_torch_state_dict())
-        metrics = report.record_round(server_round + done, teacher, student,
-                                      strategy.round_stats.get(server_round + done, {}))
+        stats = strategy.round_stats.get(server_round + done, {})
+        if privacy is not None and server_round > 0:
+            stats["privacy"] = privacy.record_round(stats)
+        metrics = report.record_round(server_round + done, teacher, student, stats)
         checkpoint.save(run_dir, server_round + done, config, teacher,
-                        distillation.state_dict() if distillation else {})
+                        distillation.state_dict() if distillation else {},
+                        privacy.state_dict() if privacy else {})
         return metrics
 
     strategy.start(
         grid=ShortPollGrid(grid, poll_interval=0.1),
         initial_arrays=ArrayRecord(teacher.state_dict()),
+        # Local DP: the clients noise with the δ the server accounts at.
+        train_config=ConfigRecord({"dp-delta": privacy.delta} if privacy else {}),
         num_rounds=config.num_server_rounds - done,
         timeout=config.round_timeout,
         evaluate_fn=evaluate_round,

@@ -177,8 +177,10 @@ class DistillStrategy(Strategy):
                 "= 0 from each end); raise it to at least %.3g", self.aggregator.beta, len(valid), len(valid),
                 1 / len(valid))
         key = self.aggregator.arrayrecord_key
-        # Robust aggregators take the arrays out of the replies: the ensemble keeps its own view.
+        # Robust aggregators take the arrays out of the replies, DP rewrites the weights: read them first.
         client_arrays = [ArrayRecord(dict(r.content[key].items())) for r in valid]
+        clients = [{"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values())))}
+                   for r in valid]
         arrays, metrics = self.aggregator.aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
@@ -188,10 +190,8 @@ class DistillStrategy(Strategy):
             "rejected": [r.to_dict() for r in rejected],
             "clipped": clipped,
             "client-metrics": dict(metrics) if metrics is not None else {},
-            "clients": [
-                {"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values())))}
-                for r in valid
-            ],
+            "clients": clients,
+            "aggregated": arrays is not None,
         }
         if arrays is not None and self.distillation is not None:
             arrays, stats["distill"] = self.distillation.run(arrays, client_arrays)

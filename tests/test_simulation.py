@@ -97,3 +97,30 @@ def test_a_changed_learning_key_on_resume_is_refused_at_start(superlink, tmp_pat
     assert status != "finished:completed"
     assert "'lr' = 0.5 differs from the run being resumed (0.05)" in "\n".join(lines)
     assert (run_dir / "metrics.jsonl").read_text() == before  # nothing already written is lost
+
+
+DP_CELLS = [(distill, dp) for distill in ("off", "global", "ensemble") for dp in ("central", "local")
+            if (distill, dp) != ("ensemble", "central")]
+
+
+@pytest.mark.parametrize("distill, dp", DP_CELLS)
+def test_every_allowed_distill_and_dp_combination_completes_and_reports_epsilon(superlink, tmp_path, distill, dp):
+    out = tmp_path / "out"
+    # Noise small enough for 2 clients to keep learning (with the defaults it swamps them: see README).
+    run_id, status, lines = simulate(superlink, f'distill="{distill}" dp="{dp}" num-server-rounds=2 '
+                                     f'dp-clipping-norm=0.1 dp-noise-multiplier=0.3 dp-local-epsilon=50 '
+                                     f'distill-steps=20 out-dir="{out}"', clients=2)
+    assert status == "finished:completed", "\n".join(lines)
+    rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
+    epsilons = [r["privacy"]["epsilon"] for r in rows[1:]]
+    assert 0 < epsilons[0] < epsilons[1] < float("inf") and rows[2]["privacy"]["mechanism"] == dp
+    assert rows[1]["aggregated"] and rows[2]["aggregated"]
+    summary = json.loads((out / str(run_id) / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == epsilons[1]
+    assert any(f"ε {epsilons[1]:.3g}" in line for line in lines)  # progress line and summary table
+
+
+def test_central_dp_with_the_ensemble_teacher_stops_at_start_saying_why(superlink, tmp_path):
+    _, status, lines = simulate(superlink, f'distill="ensemble" dp="central" out-dir="{tmp_path / "out"}"', clients=2)
+    assert status != "finished:completed"
+    assert "the ensemble teacher reads each client's own model" in "\n".join(lines)
