@@ -51,6 +51,8 @@ def plot(results: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, name in enumerate(SETTINGS):
         runs = [r for r in results if r["setting"] == name and "privacy" in r["rows"][-1]]
+        if not runs:
+            continue  # dp off has no ε: the dashed line
         for model, marker in (("teacher", "o"), ("student", "x")):
             xs = [r["rows"][-1]["privacy"]["epsilon"] for r in runs]
             ys = [r["rows"][-1][model]["accuracy"] for r in runs]

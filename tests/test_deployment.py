@@ -88,6 +88,18 @@ def test_three_warm_supernodes_run_two_rounds_with_distillation_over_grpc(federa
         assert all(t["exit"] == "0" and t["reply"] == "replied" and int(t["parent"]) == parent for t in tasks)
 
 
+def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_it(federation, tmp_path):
+    home, _ = federation
+    out = tmp_path / "out"
+    run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=1 min-nodes=3 dp="local" distill="ensemble" '
+                             f'distill-steps=20 out-dir="{out}"', stream=False)
+    assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+    privacy = metrics(out, run_id)[1]["privacy"]
+    assert privacy["mechanism"] == "local" and privacy["releases"] == 1 and 0 < privacy["epsilon"] < float("inf")
+    for node in range(3):  # the mod comes with the FAB and runs in each node's warm executor
+        assert "LocalDpMod: local DP noise" in (home / f"supernode-{node}.log").read_text()
+
+
 def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, tmp_path):
     """A second FAB (the app with one more client metric) and the evaluate phase turned on."""
     home, _ = federation

@@ -23,7 +23,8 @@ if [ -n "${E2E_APP_DIR:-}" ]; then
     run_extra=(-v "$(cd "$E2E_APP_DIR" && pwd):/e2e-app:ro" -e FLD_APP_DIR=/e2e-app)
     echo "submitting $E2E_APP_DIR instead of the image's /app"
 fi
-export FLD_RUN_CONFIG="num-server-rounds=$ROUNDS min-nodes=$CLIENTS distill=\"global\" ${E2E_RUN_CONFIG:-}"
+# Local DP on: the mod runs in every client container, the accountant in the SuperLink's (the dp extra).
+export FLD_RUN_CONFIG="num-server-rounds=$ROUNDS min-nodes=$CLIENTS distill=\"global\" dp=\"local\" dp-clipping-norm=0.1 dp-local-epsilon=50 ${E2E_RUN_CONFIG:-}"
 export FLD_WAIT_FOR_NODES=$CLIENTS FLD_RUN_TIMEOUT=$RUN_TIMEOUT
 submit_run "$work/run.log"
 
@@ -60,6 +61,7 @@ docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint bash "$SUPERLIN
     set -e; cd /outputs/$run_id; ls -l
     for f in $EXPECTED_OUTPUTS; do test -s \"\$f\" || { echo \"missing or empty: \$f\"; exit 1; }; done
     echo '--- summary.json'; head -c 1500 summary.json; echo
+    grep -q '\"mechanism\": \"local\"' summary.json || { echo 'no local-DP epsilon in summary.json'; exit 1; }
     echo '--- metrics.jsonl (last 3 lines)'; tail -n 3 metrics.jsonl | cut -c1-400
 " || fail "outputs of run $run_id incomplete on the volume"
 
