@@ -40,3 +40,13 @@ def make_strategy(config):
         return DistillStrategy(build_aggregator(chosen), distillation, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def serverapp_identity():
+    """Messages can only be built inside a run, as in a ServerApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

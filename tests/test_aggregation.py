@@ -2,34 +2,18 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+from tests.fakes import FakeGrid, train_reply
 
 GLOBAL = {"w": np.zeros((2, 2), np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def reply(value: float, node_id: int, num_examples: int = 10) -> Message:
-    request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": Array(np.full((2, 2), value, np.float32))}),
-        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5}),
-    })
-    return Message(content=content, reply_to=request)
+    return train_reply({"w": np.full((2, 2), value, np.float32)}, node_id, {"num-examples": num_examples, "train-loss": 0.5})
 
 
 class RecordingDistillation:

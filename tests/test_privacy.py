@@ -9,37 +9,22 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.local_dp import local_dp
 from common.config import ConfigError
 from common.data import pool_size
 from server.privacy import CentralDP, PrivacyLedger, _accountant, local_noise_multiplier, with_privacy
 from server.strategy import DistillStrategy
+from tests.fakes import FakeGrid, train_reply
 
 SIZE = 10_000  # weights per model: enough for a tight estimate of the noise's standard deviation
 
 
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def reply(update: np.ndarray, node_id: int, num_examples: int = 10) -> Message:
-    request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(update.astype(np.float32))}),
-                          "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5})})
-    return Message(content=content, reply_to=request)
+    return train_reply({"w": update.astype(np.float32)}, node_id, {"num-examples": num_examples, "train-loss": 0.5})
 
 
 def fedavg() -> FedAvg:

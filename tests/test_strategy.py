@@ -4,37 +4,17 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from server.sampling import NoNodesError
+from tests.fakes import FakeGrid, train_reply
 
 
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    """Messages can only be built inside a run, as in a ServerApp process."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def reply(weights: dict[str, np.ndarray], num_examples: int, node_id: int) -> Message:
-    """A client's train reply, as it arrives at the server."""
-    request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(num_examples)}),
-    })
-    return Message(content=content, reply_to=request)
-
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
+    return train_reply(weights, node_id, {"num-examples": num_examples, "train-loss": float(num_examples)})
 
 
 def test_aggregate_is_the_example_weighted_mean_of_client_models(make_strategy):

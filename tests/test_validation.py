@@ -3,30 +3,21 @@ poisons the model or stops the run (issue 8's table of faults, each row a case).
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from server.validation import screen_replies
+from tests.fakes import train_reply
 
 GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 GOOD = [({"w": np.full((3, 2), 1.0, np.float32), "b": np.full(2, 1.0, np.float32)}, 10, 1),
         ({"w": np.full((3, 2), 3.0, np.float32), "b": np.full(2, 3.0, np.float32)}, 30, 2)]
 
 
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def reply(weights: dict, num_examples, node_id: int, metrics: dict | None = None) -> Message:
-    request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
-        "metrics": MetricRecord(metrics if metrics is not None else {"num-examples": num_examples, "train-loss": 0.5}),
-    })
-    return Message(content=content, reply_to=request)
+    return train_reply(weights, node_id, metrics if metrics is not None else {"num-examples": num_examples, "train-loss": 0.5})
 
 
 def aggregate(bad: Message, make_strategy):
