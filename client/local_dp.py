@@ -4,9 +4,10 @@ A ClientApp's mods are fixed when the app is built, while ``dp`` is chosen per
 run; this mod reads the run config and, for ``dp = "local"`` train messages,
 hands the message to ``flwr.clientapp.mod.LocalDpMod``: the update (trained
 model − received model) is clipped to L2 norm C = ``dp-clipping-norm`` and every
-weight gets Gaussian noise of std C·sqrt(2 ln(1.25/δ))/ε (ε =
-``dp-local-epsilon``; δ as the server sends it in the train config,
-``dp-delta``), before the reply leaves the node. See ``server/privacy.py``.
+weight gets Gaussian noise of std 2C·sqrt(2 ln(1.25/δ))/ε (sensitivity 2C: two
+clipped updates differ by at most 2C; ε = ``dp-local-epsilon``; δ as the server
+sends it in the train config, ``dp-delta``), before the reply leaves the node.
+See ``server/privacy.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,6 @@ def local_dp(msg: Message, context: Context, call_next) -> Message:
     if config.dp != "local" or msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     delta = float(msg.content["config"]["dp-delta"])
-    mod = LocalDpMod(clipping_norm=config.dp_clipping_norm, sensitivity=config.dp_clipping_norm,
+    mod = LocalDpMod(clipping_norm=config.dp_clipping_norm, sensitivity=2 * config.dp_clipping_norm,
                      epsilon=config.dp_local_epsilon, delta=delta)
     return mod(msg, context, call_next)

@@ -32,7 +32,7 @@ def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
 
 def _range(lo: float, hi: float = math.inf, lo_open: bool = False):
     def ok(v: Any) -> bool:
-        return (v > lo if lo_open else v >= lo) and v <= hi
+        return math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
 
     bound = f"{'>' if lo_open else '>='} {lo}" + ("" if hi == math.inf else f" and <= {hi}")
     return ok, f"a number {bound}"
@@ -54,7 +54,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "partitioning": (str, _choice(PARTITIONINGS)),
     "dirichlet-alpha": (float, _range(0, lo_open=True)),
     "num-partitions": (int, _range(0)),
-    "seed": (int, _range(0)),
+    "seed": (int, _range(0, 2**63 - 1)),
     "distill": (str, _choice(DISTILL_MODES)),
     "distill-target": (str, _choice(DISTILL_TARGETS)),
     "distill-steps": (int, _range(1)),

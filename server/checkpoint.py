@@ -5,8 +5,8 @@ SuperLink restart fails the running run, and ``Strategy.start`` always counts
 from round 1. So each round the ServerApp writes ``resume.pt`` into its run
 folder (after the round's ``metrics.jsonl`` line), atomically: the round number,
 the config the run ran with, the global model, the student with its optimizer
-and sampling-generator state, Python's RNG (node sampling) and the privacy
-accountant's compositions (``dp``). A new run with
+and sampling-generator state, Python's RNG (node sampling), the privacy
+accountant's compositions (``dp``) and which node holds which partition. A new run with
 ``resume-from = '<run folder>'`` loads it and goes on from the next round, in
 the same folder.
 """
@@ -39,11 +39,16 @@ class Resumable:
     distillation: dict
     python_rng: tuple
     privacy: dict
+    partitions: dict
 
 
 def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.Module, distillation: dict,
-         privacy: dict | None = None) -> None:
-    """Write ``run_dir/resume.pt`` for ``server_round`` (written to a temporary file, then renamed)."""
+         privacy: dict | None = None, partitions: dict | None = None) -> None:
+    """Write ``run_dir/resume.pt`` for ``server_round``: to a temporary file, flushed to disk, then renamed.
+
+    ``partitions`` is the server's hand-out (``DistillStrategy.partition_state``),
+    so a resumed run gives each node the data it had.
+    """
     state = {
         "round": server_round,
         "config": config.to_mapping(),
@@ -51,10 +56,19 @@ def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.M
         "distillation": distillation,
         "python_rng": random.getstate(),
         "privacy": privacy or {},
+        "partitions": partitions or {},
     }
     tmp = run_dir / (RESUME_FILE + ".tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # a host crash must not leave an empty resume.pt behind the rename
     os.replace(tmp, run_dir / RESUME_FILE)
+    directory = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def load(config: RunConfig) -> Resumable:
@@ -64,27 +78,47 @@ def load(config: RunConfig) -> Resumable:
     ``MAY_CHANGE`` differs from the run being resumed (naming the key, both
     values and what may change), or when ``num-server-rounds`` leaves nothing to do.
     """
-    path = Path(config.resume_from) / RESUME_FILE
+    folder = Path(config.resume_from)
+    path = folder / RESUME_FILE
+    if folder.is_file():
+        raise ConfigError(f"run config 'resume-from' = {config.resume_from!r} is a file; name the run's folder "
+                          f"(<out-dir>/<run-id>, holding {RESUME_FILE})")
     if not path.is_file():
         raise ConfigError(
             f"run config 'resume-from' = {config.resume_from!r}: no {RESUME_FILE} there (looked for {path.resolve()}); "
             "name the folder of an earlier run (<out-dir>/<run-id>), relative to where the ServerApp runs, or use ''")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    before, now = state["config"], config.to_mapping()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        resumable = Resumable(int(state["round"]), dict(state["config"]), dict(state["global_model"]),
+                              dict(state["distillation"]), _as_rng_state(state["python_rng"]),
+                              dict(state.get("privacy", {})), dict(state.get("partitions", {})))
+        if resumable.round < 1:
+            raise ValueError(f"round {resumable.round}")
+    except Exception as err:  # any unreadable or foreign file: say which, never a traceback
+        raise ConfigError(f"run config 'resume-from' = {config.resume_from!r}: {path} is not a checkpoint this "
+                          f"version can resume from ({type(err).__name__}: {err}); resume from another run folder "
+                          "or start a new run") from err
+    before, now = resumable.config, config.to_mapping()
     for key, value in now.items():
-        if key not in MAY_CHANGE and key in before and before[key] != value:
+        if key in MAY_CHANGE:
+            continue
+        if key not in before:
+            raise ConfigError(f"run config '{key}' did not exist in the run being resumed (written by another "
+                              "version); start a new run")
+        if before[key] != value:
             raise ConfigError(
                 f"run config '{key}' = {value!r} differs from the run being resumed ({before[key]!r}); a resumed run "
                 f"keeps its data, model and training keys: only {', '.join(MAY_CHANGE)} may change")
-    if config.num_server_rounds <= state["round"]:
+    if config.num_server_rounds <= resumable.round:
         raise ConfigError(
             f"run config 'num-server-rounds' = {config.num_server_rounds}: the run in {config.resume_from!r} has "
-            f"already done {state['round']} rounds; set num-server-rounds to the total wanted (> {state['round']})")
-    return Resumable(state["round"], before, state["global_model"], state["distillation"],
-                     _as_rng_state(state["python_rng"]), state.get("privacy", {}))
+            f"already done {resumable.round} rounds; set num-server-rounds to the total wanted (> {resumable.round})")
+    return resumable
 
 
 def _as_rng_state(value) -> tuple:
     """``random.setstate`` wants tuples; a round trip through torch.save may hand back lists."""
     version, internal, gauss = value
-    return version, tuple(internal), gauss
+    state = (version, tuple(internal), gauss)
+    random.Random().setstate(state)  # raises now on a malformed state, not later in the run
+    return state

@@ -13,9 +13,10 @@ checkpoints) is post-processing and costs no extra ε.
 
 ``dp = "local"``: each client clips its own update to C and adds Gaussian noise
 before it leaves the node (Flower's ``LocalDpMod``, ``client/local_dp.py``), with
-std C·sqrt(2 ln(1.25/δ))/ε_round (the classic Gaussian mechanism, Dwork & Roth
-2014, Thm A.1), so the server and FedDF's ensemble teacher only see privatised
-models.
+std 2C·sqrt(2 ln(1.25/δ))/ε_round (the classic Gaussian mechanism, Dwork & Roth
+2014, Thm A.1, whose per-round bound holds for ε_round < 1; sensitivity 2C: any
+two local datasets give clipped updates at most 2C apart), so the server and
+FedDF's ensemble teacher only see privatised models.
 
 ε over the rounds so far comes from Flower's RDP accountant
 (``flwr.supercore.privacy_accounting``, on Google's dp-accounting) at δ =
@@ -30,8 +31,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.privacy_accounting import (
@@ -58,7 +61,7 @@ def _accountant(delta: float, population: int):
 
 
 def local_noise_multiplier(epsilon: float, delta: float) -> float:
-    """σ of local DP: LocalDpMod's std C·sqrt(2 ln(1.25/δ))/ε divided by the sensitivity C."""
+    """σ of local DP: LocalDpMod's std (sensitivity·sqrt(2 ln(1.25/δ))/ε) divided by the sensitivity."""
     return math.sqrt(2 * math.log(1.25 / delta)) / epsilon
 
 
@@ -106,7 +109,9 @@ class PrivacyLedger:
 
     ``central``: the wrapper's accountant (one release per aggregated round).
     ``local``: per client, one release of σ = :func:`local_noise_multiplier` per
-    round it trained in; the ledger reports the most-used client's ε.
+    round it trained in; the ledger reports the most-used client's ε. Across a
+    resume, node IDs may change (simulation), so the releases before it are
+    carried as the most any client had made: an upper bound, never an undercount.
     """
 
     def __init__(self, config: RunConfig, pool_size: int, central: CentralDP | None = None):
@@ -115,14 +120,20 @@ class PrivacyLedger:
         self.central = central
         self.noise_multiplier = (config.dp_noise_multiplier if config.dp == "central"
                                  else local_noise_multiplier(config.dp_local_epsilon, self.delta))
-        self.releases: Counter[int] = Counter()  # local: rounds each node trained in
+        self.releases: Counter[int] = Counter()  # local: rounds each node trained in, in this run
+        # local, resumed run: the most any client released before it (node IDs may be new now), an upper bound
+        self.released_before = 0
         _accountant(self.delta, 1)  # fails now, with the message, if the accountant is missing
+        if self.delta >= 1.0 / pool_size:
+            log(WARNING, "fl-distill: dp-delta = %g is >= 1 / the %d pool examples: a mechanism may then reveal an "
+                "example outright with that probability; use dp-delta = 0 (1/%d) or smaller", self.delta,
+                pool_size, pool_size)
 
     def record_round(self, stats: dict) -> dict:
         """The privacy block of this round's metrics line (``stats`` is the strategy's round stats)."""
         if self.mechanism == "local":
             self.releases.update(stats.get("heard-from", []))  # every reply that left a node was privatised
-            count = max(self.releases.values(), default=0)
+            count = self.released_before + max(self.releases.values(), default=0)
             epsilon = self._epsilon(count)
         else:
             count = self.central.accountant.num_releases if self.central.accountant else 0
@@ -140,10 +151,10 @@ class PrivacyLedger:
 
     def state_dict(self) -> dict:
         central = self.central.accountant.state_dict() if self.central and self.central.accountant else None
-        return {"releases": {str(k): v for k, v in self.releases.items()}, "central": central}
+        return {"released-before": self.released_before + max(self.releases.values(), default=0), "central": central}
 
     def load_state_dict(self, state: dict) -> None:
-        self.releases = Counter({int(k): v for k, v in state.get("releases", {}).items()})
+        self.released_before = int(state.get("released-before", 0))
         if state.get("central") is not None and self.central and self.central.accountant:
             self.central.accountant.load_state_dict(state["central"])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -24,6 +24,15 @@ from common.data import Dataset
 from common.models import model_size
 from common.training import evaluate
 from server.export import deployment_report
+
+
+def _parsed(line: str) -> dict | None:
+    """A metrics line, or None for one a crash cut short (it is dropped on resume)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        log(WARNING, "fl-distill: dropping an incomplete metrics line: %.80s", line)
+        return None
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
@@ -46,7 +55,7 @@ class RunReport:
         if resume_after:
             metrics = run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.exists() else []
-            self.rows = [row for row in map(json.loads, lines) if row["round"] <= resume_after]
+            self.rows = [row for row in map(_parsed, lines) if row is not None and row["round"] <= resume_after]
             metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         else:
             run_dir.mkdir(parents=True, exist_ok=False)

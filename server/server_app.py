@@ -76,6 +76,8 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         max_update_norm=config.max_update_norm,
         round_offset=done,
     )
+    if resumed is not None:
+        strategy.load_partition_state(resumed.partitions)
     run_dir = Path(config.resume_from) if resumed else Path(config.out_dir) / str(run_id)
     report = RunReport(config, run_dir, test_set, device, resume_after=done)
     student = distillation.student if distillation else None
@@ -90,7 +92,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         metrics = report.record_round(server_round + done, teacher, student, stats)
         checkpoint.save(run_dir, server_round + done, config, teacher,
                         distillation.state_dict() if distillation else {},
-                        privacy.state_dict() if privacy else {})
+                        privacy.state_dict() if privacy else {}, strategy.partition_state())
         return metrics
 
     strategy.start(

@@ -99,6 +99,17 @@ class DistillStrategy(Strategy):
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
         self._round_started = self._node_wait = 0.0
 
+    def partition_state(self) -> dict:
+        """The partition hand-out, for a resumed run to give each node the same data (``server/checkpoint.py``)."""
+        return {"partition-of": {str(node): p for node, p in self.partition_of.items()},
+                "num-partitions": self.num_partitions}
+
+    def load_partition_state(self, state: dict) -> None:
+        """Restore :meth:`partition_state` (an empty dict: nothing handed out yet)."""
+        if state:
+            self.partition_of = {int(node): p for node, p in state["partition-of"].items()}
+            self.num_partitions = int(state["num-partitions"])
+
     def summary(self) -> None:
         log(INFO, "\t├── fl-distill: sampling %g of the nodes (min-nodes %d), validation, clipping %s, "
             "distillation %s, around:", self.fraction_train, self.min_nodes,
@@ -121,7 +132,7 @@ class DistillStrategy(Strategy):
         if self.fraction_evaluate == 0.0:
             return []
         return self._instructions(server_round, arrays, config, grid, self.aggregator.configure_evaluate,
-                                  MessageType.EVALUATE, self.fraction_evaluate, min(self.min_nodes, 1))
+                                  MessageType.EVALUATE, self.fraction_evaluate, 1)
 
     def _instructions(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                       configure, message_type: str, fraction: float, minimum: int) -> list[Message]:
@@ -174,8 +185,8 @@ class DistillStrategy(Strategy):
                     clipped.append({"node-id": reply.metadata.src_node_id, "norm": norm})
         if isinstance(self.aggregator, FedTrimmedAvg) and valid and int(self.aggregator.beta * len(valid)) == 0:
             log(WARNING, "fl-distill: trimmed-mean-beta = %g trims nothing from %d updates (it cuts int(beta * %d) "
-                "= 0 from each end); raise it to at least %.3g", self.aggregator.beta, len(valid), len(valid),
-                1 / len(valid))
+                "= 0 from each end); %s", self.aggregator.beta, len(valid), len(valid),
+                f"raise it to at least {1 / len(valid):.3g}" if len(valid) > 2 else "trimming needs 3 or more updates")
         key = self.aggregator.arrayrecord_key
         # Robust aggregators take the arrays out of the replies, DP rewrites the weights: read them first.
         client_arrays = [ArrayRecord(dict(r.content[key].items())) for r in valid]

@@ -47,3 +47,49 @@ def test_resume_needs_rounds_left_and_a_checkpoint(tmp_path, config):
         checkpoint.load(replace(config, resume_from=str(run_dir), num_server_rounds=4))
     with pytest.raises(ConfigError, match=r"'resume-from' = '.*nowhere': no resume.pt there"):
         checkpoint.load(replace(config, resume_from=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_an_unreadable_checkpoint_is_a_clear_error_naming_the_file(tmp_path, config, content):
+    run_dir = saved_run(tmp_path, config)
+    (run_dir / "resume.pt").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"resume\.pt is not a checkpoint this version can resume from"):
+        checkpoint.load(replace(config, resume_from=str(run_dir), num_server_rounds=4))
+
+
+def test_a_checkpoint_written_without_a_key_this_version_knows_is_refused(tmp_path, config):
+    run_dir = saved_run(tmp_path, config)
+    state = torch.load(run_dir / "resume.pt", weights_only=True)
+    del state["config"]["aggregation"]
+    torch.save(state, run_dir / "resume.pt")
+    with pytest.raises(ConfigError, match="'aggregation' did not exist in the run being resumed"):
+        checkpoint.load(replace(config, resume_from=str(run_dir), num_server_rounds=4))
+
+
+def test_resume_from_a_file_says_to_name_the_folder(tmp_path, config):
+    run_dir = saved_run(tmp_path, config)
+    with pytest.raises(ConfigError, match="is a file; name the run's folder"):
+        checkpoint.load(replace(config, resume_from=str(run_dir / "resume.pt"), num_server_rounds=4))
+
+
+def test_the_partition_hand_out_survives_a_resume(tmp_path, config, make_strategy):
+    strategy = make_strategy()
+    strategy.partition_of, strategy.num_partitions = {907: 2, 12: 0, 455: 1}, 3
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoint.save(run_dir, 2, config, nn.Linear(3, 2), {}, {}, strategy.partition_state())
+    resumed = make_strategy()
+    resumed.load_partition_state(checkpoint.load(replace(config, resume_from=str(run_dir),
+                                                         num_server_rounds=4)).partitions)
+    assert resumed.partition_of == {907: 2, 12: 0, 455: 1} and resumed.num_partitions == 3
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, config):
+    from server.reporting import RunReport
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n{"round": 3, "teach')
+    report = RunReport(config, run_dir, test_set=None, device=torch.device("cpu"), resume_after=2)
+    assert [r["round"] for r in report.rows] == [0, 1, 2]
+    assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n{"round": 1}\n{"round": 2}\n'

@@ -23,6 +23,12 @@ def test_defaults_parse_into_typed_config(config):
         ("distill-temperature", 0.0, "> 0"),
         ("device", "tpu", "'auto', 'cpu', 'cuda'"),
         ("num-server-rounds", 0, ">= 1"),
+        ("dp-noise-multiplier", float("inf"), ">= 0"),
+        ("lr", float("nan"), "> 0"),
+        ("seed", 2**70, "<= 9223372036854775807"),
+        ("aggregation", "krum", "'fedavg', 'trimmed-mean', 'median'"),
+        ("trimmed-mean-beta", 0.5, "< 0.5"),
+        ("dp", "on", "'off', 'central', 'local'"),
     ],
 )
 def test_out_of_range_value_names_key_value_and_allowed(raw_config, key, value, allowed):

@@ -107,6 +107,11 @@ def test_local_epsilon_is_per_client_and_counts_the_rounds_each_client_trained_i
     direct.compose(GaussianPrivacyEvent(local_noise_multiplier(4.0, 0.001), 1, 1), count=3)  # node 1: 3 rounds
     assert privacy["releases"] == 3 and privacy["epsilon"] == pytest.approx(direct.get_epsilon(0.001))
 
+    # Resumed with new node IDs (a new simulation): releases before count for every client, never fewer.
+    resumed = PrivacyLedger(replace(config, dp="local", dp_local_epsilon=4.0), pool_size=1000)
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.record_round({"heard-from": [77, 78]})["releases"] == 4
+
 
 def test_a_local_dp_reply_is_the_clipped_update_plus_noise_of_the_configured_scale(raw_config):
     raw = {**raw_config, "dp": "local", "dp-clipping-norm": 1.0, "dp-local-epsilon": 5.0}
@@ -123,7 +128,7 @@ def test_a_local_dp_reply_is_the_clipped_update_plus_noise_of_the_configured_sca
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=raw)
     sent = local_dp(request, context, train).content["arrays"]["w"].numpy()
     noise = sent - trained / 10.0  # the update clipped from norm 10 to 1
-    assert np.std(noise) == pytest.approx(math.sqrt(2 * math.log(1.25 / 1e-3)) / 5.0, rel=0.03)
+    assert np.std(noise) == pytest.approx(2 * 1.0 * math.sqrt(2 * math.log(1.25 / 1e-3)) / 5.0, rel=0.03)  # 2C·…/ε
 
 
 def test_local_dp_leaves_evaluate_messages_and_runs_without_dp_alone(raw_config):
