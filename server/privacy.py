@@ -124,9 +124,9 @@ class PrivacyLedger:
         # local, resumed run: the most any client released before it (node IDs may be new now), an upper bound
         self.released_before = 0
         _accountant(self.delta, 1)  # fails now, with the message, if the accountant is missing
-        if self.delta >= 1.0 / pool_size:
-            log(WARNING, "fl-distill: dp-delta = %g is >= 1 / the %d pool examples: a mechanism may then reveal an "
-                "example outright with that probability; use dp-delta = 0 (1/%d) or smaller", self.delta,
+        if self.delta > 1.0 / pool_size:
+            log(WARNING, "fl-distill: dp-delta = %g is more than 1 / the %d pool examples: a mechanism may then "
+                "reveal an example outright with that probability; use dp-delta = 0 (1/%d) or smaller", self.delta,
                 pool_size, pool_size)
 
     def record_round(self, stats: dict) -> dict:

@@ -99,6 +99,13 @@ def test_a_round_with_a_failed_or_rejected_client_spends_no_epsilon_and_keeps_th
     assert aggregate is None and ledger.record_round(strategy.round_stats[1])["releases"] == 0
 
 
+def test_a_delta_above_one_over_the_pool_is_warned_about_and_the_default_is_not(config, caplog):
+    PrivacyLedger(replace(config, dp="local"), pool_size=1000)
+    assert "dp-delta" not in caplog.text
+    PrivacyLedger(replace(config, dp="local", dp_delta=0.01), pool_size=1000)
+    assert "dp-delta = 0.01 is more than 1 / the 1000 pool examples" in caplog.text
+
+
 def test_local_epsilon_is_per_client_and_counts_the_rounds_each_client_trained_in(config):
     ledger = PrivacyLedger(replace(config, dp="local", dp_local_epsilon=4.0), pool_size=1000)
     for nodes in ([1, 2], [1], [1, 3]):
