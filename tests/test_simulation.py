@@ -99,17 +99,19 @@ def test_a_changed_learning_key_on_resume_is_refused_at_start(superlink, tmp_pat
     assert (run_dir / "metrics.jsonl").read_text() == before  # nothing already written is lost
 
 
-DP_CELLS = [(distill, dp) for distill in ("off", "global", "ensemble") for dp in ("central", "local")
-            if (distill, dp) != ("ensemble", "central")]
+DP_CELLS = [(distill, dp, "fedavg") for distill in ("off", "global", "ensemble") for dp in ("central", "local")
+            if (distill, dp) != ("ensemble", "central")] + [("ensemble", "local", "median"),
+                                                            ("global", "local", "trimmed-mean")]
 
 
-@pytest.mark.parametrize("distill, dp", DP_CELLS)
-def test_every_allowed_distill_and_dp_combination_completes_and_reports_epsilon(superlink, tmp_path, distill, dp):
+@pytest.mark.parametrize("distill, dp, aggregation", DP_CELLS)
+def test_every_allowed_distill_and_dp_combination_completes_and_reports_epsilon(superlink, tmp_path, distill, dp,
+                                                                                  aggregation):
     out = tmp_path / "out"
     # Noise small enough for 2 clients to keep learning (with the defaults it swamps them: see README).
-    run_id, status, lines = simulate(superlink, f'distill="{distill}" dp="{dp}" num-server-rounds=2 '
-                                     f'dp-clipping-norm=0.1 dp-noise-multiplier=0.3 dp-local-epsilon=50 '
-                                     f'distill-steps=20 out-dir="{out}"', clients=2)
+    run_id, status, lines = simulate(superlink, f'distill="{distill}" dp="{dp}" aggregation="{aggregation}" '
+                                     f'num-server-rounds=2 dp-clipping-norm=0.1 dp-noise-multiplier=0.3 '
+                                     f'dp-local-epsilon=50 distill-steps=20 out-dir="{out}"', clients=2)
     assert status == "finished:completed", "\n".join(lines)
     rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
     epsilons = [r["privacy"]["epsilon"] for r in rows[1:]]
