@@ -10,9 +10,11 @@ a table and writes ``bench/results/<dataset>/{results.json,table.md,accuracy.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from scripts import launch
@@ -43,13 +45,22 @@ def run_one(home: Path, run_config: str, clients: int, runs: Path) -> tuple[list
     return rows, json.loads((runs / str(run_id) / "summary.json").read_text())
 
 
-def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
-    """One simulation per (partitioning, method, seed); returns their metrics rows."""
+@contextlib.contextmanager
+def simulation_superlink(out: Path) -> Iterator[Path]:
+    """A simulation SuperLink for a benchmark's runs, Flower home under ``out``; stopped afterwards."""
     home = out / "flwr-home"
     launch.write_connection(home, CONNECTION, PORTS.address)
     superlink = launch.start_superlink(home, PORTS, simulation=True)
-    results = []
     try:
+        yield home
+    finally:
+        launch.stop([superlink])
+
+
+def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
+    """One simulation per (partitioning, method, seed); returns their metrics rows."""
+    results = []
+    with simulation_superlink(out) as home:
         for part, part_cfg in PARTITIONINGS.items():
             for method, method_cfg in METHODS.items():
                 for seed in range(args.seeds):
@@ -58,8 +69,6 @@ def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
                     rows, summary = run_one(home, run_config, args.clients, out / "runs")
                     results.append({"partitioning": part, "method": method, "seed": seed, "rows": rows, "summary": summary})
                     print(f"  {part:7} {method:18} seed {seed}: teacher {rows[-1]['teacher']['accuracy']:.4f}", flush=True)
-    finally:
-        launch.stop([superlink])
     return results
 
 

@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 
-from bench.distill_benchmark import CONNECTION, PORTS, mean_sd, run_one
+from bench.distill_benchmark import mean_sd, run_one, simulation_superlink
 from scripts import launch
 
 SETTINGS = {  # name -> run-config overrides
@@ -77,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = launch.REPO / "bench" / "results" / "privacy"
     out.mkdir(parents=True, exist_ok=True)
-    home = out / "flwr-home"
-    launch.write_connection(home, CONNECTION, PORTS.address)
-    superlink = launch.start_superlink(home, PORTS, simulation=True)
     results = []
-    try:
+    with simulation_superlink(out) as home:
         for name, overrides in SETTINGS.items():
             for seed in range(args.seeds):
                 rows, _ = run_one(home, f'distill="global" {overrides} dp-clipping-norm={args.clipping_norm:g} '
@@ -89,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"setting": name, "seed": seed, "rows": rows})
                 print(f"  {name:20} seed {seed}: teacher {rows[-1]['teacher']['accuracy']:.4f}"
                       f"  ε {rows[-1].get('privacy', {}).get('epsilon', float('inf')):.3g}", flush=True)
-    finally:
-        launch.stop([superlink])
     text = table(results)
     print(f"{args.clients} clients, {args.rounds} rounds, {args.seeds} seeds, clipping norm {args.clipping_norm:g}\n{text}")
     (out / "table.md").write_text(text + "\n")

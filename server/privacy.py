@@ -60,6 +60,11 @@ def _accountant(delta: float, population: int):
                           "pip install '.[dp]' (Flower's dp extra, Google's dp-accounting)") from err
 
 
+def privacy_delta(config: RunConfig, pool_size: int) -> float:
+    """δ at which ε is reported: ``dp-delta``, or 1 / the number of examples in the clients' pool."""
+    return config.dp_delta or 1.0 / pool_size
+
+
 def local_noise_multiplier(epsilon: float, delta: float) -> float:
     """σ of local DP: LocalDpMod's std (sensitivity·sqrt(2 ln(1.25/δ))/ε) divided by the sensitivity."""
     return math.sqrt(2 * math.log(1.25 / delta)) / epsilon
@@ -116,7 +121,7 @@ class PrivacyLedger:
 
     def __init__(self, config: RunConfig, pool_size: int, central: CentralDP | None = None):
         self.mechanism = config.dp
-        self.delta = config.dp_delta or 1.0 / pool_size
+        self.delta = privacy_delta(config, pool_size)
         self.central = central
         self.noise_multiplier = (config.dp_noise_multiplier if config.dp == "central"
                                  else local_noise_multiplier(config.dp_local_epsilon, self.delta))
@@ -133,7 +138,7 @@ class PrivacyLedger:
         """The privacy block of this round's metrics line (``stats`` is the strategy's round stats)."""
         if self.mechanism == "local":
             self.releases.update(stats.get("heard-from", []))  # every reply that left a node was privatised
-            count = self.released_before + max(self.releases.values(), default=0)
+            count = self.local_releases
             epsilon = self._epsilon(count)
         else:
             count = self.central.accountant.num_releases if self.central.accountant else 0
@@ -141,6 +146,11 @@ class PrivacyLedger:
             epsilon = self.central.accountant.get_epsilon(self.delta) if self.central.accountant else math.inf
         return {"mechanism": self.mechanism, "epsilon": epsilon, "delta": self.delta,
                 "noise-multiplier": self.noise_multiplier, "releases": count}
+
+    @property
+    def local_releases(self) -> int:
+        """Local DP: the most releases any client has made, before a resume included."""
+        return self.released_before + max(self.releases.values(), default=0)
 
     def _epsilon(self, count: int) -> float:
         if count == 0:
@@ -151,7 +161,7 @@ class PrivacyLedger:
 
     def state_dict(self) -> dict:
         central = self.central.accountant.state_dict() if self.central and self.central.accountant else None
-        return {"released-before": self.released_before + max(self.releases.values(), default=0), "central": central}
+        return {"released-before": self.local_releases, "central": central}
 
     def load_state_dict(self, state: dict) -> None:
         self.released_before = int(state.get("released-before", 0))
@@ -166,7 +176,7 @@ def with_privacy(aggregator: FedAvg, config: RunConfig) -> tuple[FedAvg | Centra
     pool_size = data.pool_size(config)
     if config.dp == "local":
         return aggregator, PrivacyLedger(config, pool_size)
-    delta = config.dp_delta or 1.0 / pool_size
+    delta = privacy_delta(config, pool_size)
     # The population bounds the number of clients (each holds >= 1 pool example); without amplification
     # it does not change ε.
     accountant = _accountant(delta, pool_size) if config.dp_noise_multiplier > 0 else None
