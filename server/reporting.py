@@ -2,8 +2,9 @@
 
 Everything lands in ``<out-dir>/<run-id>/``: ``metrics.jsonl`` (a line per
 round, round 0 = the initial models), ``global.safetensors`` and
-``student.safetensors`` (rewritten each round), ``resume.pt`` (``server/checkpoint.py``), ``summary.json``, and the
-exported student (``student.pt``, ``student.onnx`` with the onnx extra).
+``student.safetensors`` (rewritten each round), ``resume.pt`` (``server/checkpoint.py``), ``summary.json``,
+``report.png`` (accuracy, loss and time per round; ``server/report_plot.py``), and the exported student
+(``student.pt``, ``student.onnx`` with the onnx extra).
 """
 
 from __future__ import annotations
@@ -115,6 +116,15 @@ class RunReport:
             deployment = deployment_report(teacher, student, self.test_set.input_shape, self.run_dir)
             for name in ("teacher", "student"):
                 summary[name].update(deployment[name])
+        try:  # the picture is a nicety: never lose summary.json over it
+            from server.report_plot import plot_run
+
+            c = self.config
+            plot_run(self.rows, f"fl-distill {self.run_dir.name}: {c.dataset}, distill {c.distill}, {c.aggregation}",
+                     self.run_dir / "report.png")
+            summary["report"] = str(self.run_dir / "report.png")
+        except Exception as e:  # noqa: BLE001
+            log(WARNING, "fl-distill: could not draw report.png: %s: %s", type(e).__name__, e)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for line in summary_table(summary).splitlines():
             log(INFO, "%s", line)
@@ -147,4 +157,6 @@ def summary_table(summary: dict) -> str:
         if "files" in summary.get(name, {}):
             files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary[name]["files"].values())
             lines.append(f"{name} files: {files}")
+    if "report" in summary:
+        lines.append(f"report: {summary['report']}")
     return "\n".join(lines)

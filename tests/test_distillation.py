@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 
 from common.data import server_sets
 from common.models import build_teacher
-from common.training import predict_logits
+from common.training import evaluate, predict_logits
 from server.distillation import ServerDistillation, distillation_loss, ensemble_logits
 
 
@@ -46,11 +46,37 @@ class FixedLogits(torch.nn.Module):
         return self.logits[: len(x)]
 
 
-def test_ensemble_teacher_is_the_mean_of_client_logits():
+def test_ensemble_teacher_is_the_mean_of_client_probabilities_at_the_temperature():
     a = torch.tensor([[1.0, 0.0, -1.0], [2.0, 2.0, 0.0]])
     b = torch.tensor([[3.0, 0.0, 1.0], [0.0, -2.0, 4.0]])
-    teacher = ensemble_logits([FixedLogits(a), FixedLogits(b)], torch.zeros(2, 1), torch.device("cpu"))
-    assert torch.equal(teacher, torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 2.0]]))
+    teacher = ensemble_logits([FixedLogits(a), FixedLogits(b)], torch.zeros(2, 1), torch.device("cpu"), temperature=2.0)
+    expected = (F.softmax(a / 2, 1) + F.softmax(b / 2, 1)) / 2
+    assert torch.allclose(F.softmax(teacher / 2, 1), expected, atol=1e-6)
+
+
+def test_an_overconfident_one_class_client_does_not_decide_the_soft_targets():
+    # Nine clients agree on the true class 0 with modest logits; one that saw only
+    # class 2 says "2" for every input, 60x louder. Averaged logits follow it.
+    calm = torch.tensor([[2.0, 0.0, 0.0]] * 4)
+    loud = torch.tensor([[0.0, 0.0, 120.0]] * 4)
+    clients = [FixedLogits(calm) for _ in range(9)] + [FixedLogits(loud)]
+    averaged_logits = (9 * calm + loud) / 10
+    assert averaged_logits.argmax(1).tolist() == [2, 2, 2, 2]
+    teacher = ensemble_logits(clients, torch.zeros(4, 1), torch.device("cpu"), temperature=3.0)
+    assert teacher.argmax(1).tolist() == [0, 0, 0, 0]
+    loud_share = 0.1 + 0.9 * F.softmax(calm / 3, 1)[:, 2]  # it moves class 2's probability by at most 1/10
+    assert torch.allclose(F.softmax(teacher / 3, 1)[:, 2], loud_share, atol=1e-6)
+
+
+def test_the_anchor_mixes_the_averaged_model_into_the_teacher_by_its_weight():
+    clients = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, 1.0]])
+    averaged = torch.tensor([[2.0, 0.0]])
+    teacher = ensemble_logits([FixedLogits(c) for c in clients], torch.zeros(1, 1), torch.device("cpu"),
+                              temperature=1.0, anchor=FixedLogits(averaged), anchor_weight=0.25)
+    expected = 0.25 * F.softmax(averaged, 1) + 0.75 * (F.softmax(clients[0], 1) + F.softmax(clients[1], 1)) / 2
+    assert torch.allclose(F.softmax(teacher, 1), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        ensemble_logits([FixedLogits(averaged)], torch.zeros(1, 1), torch.device("cpu"), anchor_weight=0.5)
 
 
 @pytest.fixture
@@ -68,7 +94,8 @@ def test_with_one_client_ensemble_and_global_teachers_agree(small_run):
         mode: ServerDistillation(dataclasses.replace(config, distill=mode), proxy, torch.device("cpu")).teacher_logits(arrays, [arrays])
         for mode in ("global", "ensemble")
     }
-    assert torch.allclose(by_mode["global"], by_mode["ensemble"])
+    t = config.distill_temperature
+    assert torch.allclose(F.softmax(by_mode["global"] / t, 1), F.softmax(by_mode["ensemble"] / t, 1), atol=1e-6)
 
 
 def test_a_distillation_round_moves_the_student_toward_the_teacher(small_run):
@@ -105,3 +132,20 @@ def test_labelled_proxy_set_stops_early_on_its_validation_slice(small_run):
     assert len(distillation.validation) + len(distillation.proxy_train) == len(proxy)
     _, stats = distillation.run(arrays, [arrays])
     assert stats["student"]["steps"] < 400
+
+
+def test_with_a_labelled_proxy_set_fusion_never_returns_a_model_worse_on_validation_than_it_got(small_run):
+    # FedDF's fallback (the authors' return_best_model_on_val): the model as it came
+    # in is a candidate, so a teacher that only misleads leaves it as it was.
+    config, proxy, _, arrays, teacher = small_run
+    config = dataclasses.replace(config, proxy_labelled=True, distill="ensemble", distill_target="global",
+                                 distill_anchor=0.0, distill_steps=100)
+    distillation = ServerDistillation(config, proxy, torch.device("cpu"))
+    wrong = torch.zeros(len(distillation.proxy_train), proxy.num_classes)
+    wrong[torch.arange(len(wrong)), (distillation.proxy_train.labels + 1) % proxy.num_classes] = 30.0
+    distillation.teacher_logits = lambda *_: wrong  # a teacher that is always wrong
+    before = evaluate(teacher, distillation.validation, torch.device("cpu"))["accuracy"]
+    returned, _ = distillation.run(arrays, [arrays])
+    model = build_teacher(proxy.input_shape, proxy.num_classes)
+    model.load_state_dict(returned.to_torch_state_dict())
+    assert evaluate(model, distillation.validation, torch.device("cpu"))["accuracy"] >= before
