@@ -28,7 +28,7 @@ METHODS = {  # name -> run-config overrides; every other key at its default
     "fedprox": 'distill="off" aggregation="fedprox" proximal-mu=0.01',
     "fedavgm": 'distill="off" aggregation="fedavgm"',
     "fedadam": 'distill="off" aggregation="fedadam"',
-    "global->student": 'distill="global"',
+    "global-student": 'distill="global"',
     "feddf": 'distill="ensemble" distill-target="global"',
 }
 PARTITIONINGS = {

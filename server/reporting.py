@@ -120,8 +120,9 @@ class RunReport:
             from server.report_plot import plot_run
 
             c = self.config
-            plot_run(self.rows, f"fl-distill {self.run_dir.name}: {c.dataset}, distill {c.distill}, {c.aggregation}",
-                     self.run_dir / "report.png")
+            distill = c.distill if c.distill != "ensemble" else f"ensemble -> {c.distill_target}"
+            plot_run(self.rows, f"fl-distill {self.run_dir.name}: {c.dataset}, {c.partitioning}, distill {distill}, "
+                     f"aggregation {c.aggregation}", self.run_dir / "report.png")
             summary["report"] = str(self.run_dir / "report.png")
         except Exception as e:  # noqa: BLE001
             log(WARNING, "fl-distill: could not draw report.png: %s: %s", type(e).__name__, e)
