@@ -73,7 +73,7 @@ def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
                 method_cfg = METHODS[method]
                 for seed in range(args.seeds):
                     run_config = (f'{part_cfg} {method_cfg} seed={seed} num-server-rounds={args.rounds} '
-                                  f'fraction-train={args.fraction} num-partitions={args.clients} '
+                                  f'fraction-train={args.fraction} '
                                   f'dataset="{args.dataset}" data-root="{args.data_root}"')
                     rows, summary = run_one(home, run_config, args.clients, out / "runs")
                     results.append({"partitioning": part, "method": method, "seed": seed, "rows": rows, "summary": summary})

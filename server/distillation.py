@@ -74,17 +74,18 @@ def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: t
     """
     if not 0.0 <= anchor_weight <= 1.0 or (anchor_weight > 0 and anchor is None):
         raise ValueError(f"anchor_weight = {anchor_weight} needs an anchor model and 0 <= anchor_weight <= 1")
+    def softened(model: nn.Module) -> torch.Tensor:
+        return F.softmax(predict_logits(model, images, device) / temperature, dim=1)
+
     total, count = None, 0
     for model in models:
-        probs = F.softmax(predict_logits(model, images, device) / temperature, dim=1)
-        total = probs if total is None else total + probs
+        total = softened(model) if total is None else total + softened(model)
         count += 1
     if total is None:
         raise ValueError("ensemble_logits needs at least one client model")
     mixture = total / count
     if anchor_weight > 0:
-        anchored = F.softmax(predict_logits(anchor, images, device) / temperature, dim=1)
-        mixture = anchor_weight * anchored + (1.0 - anchor_weight) * mixture
+        mixture = anchor_weight * softened(anchor) + (1.0 - anchor_weight) * mixture
     return temperature * torch.log(mixture.clamp_min(1e-12))
 
 
