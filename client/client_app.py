@@ -73,6 +73,20 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def report_partition(msg: Message, context: Context) -> Message:
+    """The partition this node's own config pins (``partition-id``), or -1 when the server's hand-out decides.
+
+    The server asks once per node before it samples a fraction of them, so that
+    it samples partitions rather than node IDs (new in every run): a seed then
+    repeats which data trains in each round (``server/strategy.py``).
+    """
+    node_config = dict(context.node_config)
+    pinned = "partition-id" in node_config and not node_config.get("data-dir")
+    partition = int(node_config["partition-id"]) if pinned else -1
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition})}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this client's data."""

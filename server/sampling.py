@@ -13,6 +13,7 @@ import random
 import time
 from logging import INFO, WARNING
 
+from flwr.app import Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -49,7 +50,28 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0
     return nodes
 
 
+def pinned_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+    """{node ID: partition-id} for the nodes whose own config pins their partition (simulation, launch.py).
+
+    Asks each node once with a ``query`` message (``client/client_app.py``
+    ``report_partition``) and waits at most ``timeout`` seconds. A node that
+    pins nothing, sends an error or does not answer in time is left out: the
+    server's hand-out decides its data, as before.
+    """
+    asks = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, ttl=timeout) for node in nodes]
+    pinned = {}
+    for reply in grid.send_and_receive(asks, timeout=timeout):
+        if not reply.has_error() and (partition := int(reply.content["metrics"]["partition-id"])) >= 0:
+            pinned[reply.metadata.src_node_id] = partition
+    log(INFO, "fl-distill: %d of %d new node(s) pin their partition", len(pinned), len(nodes))
+    return pinned
+
+
 def sample(nodes: list[int], fraction: float, minimum: int) -> list[int]:
-    """``fraction`` of ``nodes`` (at least ``minimum``, at most all of them), drawn at random."""
+    """``fraction`` of ``nodes`` (at least ``minimum``, at most all of them), drawn at random.
+
+    The draw picks positions in ``nodes``: given in the same order (by
+    partition) and the same ``random`` state, it picks the same data again.
+    """
     size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
     return random.sample(nodes, size)

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Strategy
 
 from server.distillation import ServerDistillation
-from server.sampling import sample, wait_for_nodes
+from server.sampling import pinned_partitions, sample, wait_for_nodes
 from server.validation import clip_update, screen_replies
 
 
@@ -140,16 +140,14 @@ class DistillStrategy(Strategy):
         waited = time.perf_counter()
         connected = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
         self._node_wait = time.perf_counter() - waited
-        chosen = sample(connected, fraction, minimum)
+        self._hand_out_partitions(grid, connected, sampling=fraction < 1.0)
+        # Sampled in partition order, not by node ID (new in every run): a seed repeats which data trains.
+        chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum)
         log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
-        if not self.partition_of:
-            self.partition_of = {node: i for i, node in enumerate(connected)}
-            self.num_partitions = self.num_partitions or len(connected)
         messages = []
         for message in configure(server_round, arrays, config, SampledGrid(grid, chosen)):
             node = message.metadata.dst_node_id
-            # A node that joins later shares a partition rather than getting none.
-            partition = self.partition_of.setdefault(node, len(self.partition_of)) % self.num_partitions
+            partition = self.partition_of[node] % self.num_partitions
             content = RecordDict(dict(message.content.items()))
             for key, record in message.content.config_records.items():
                 content[key] = ConfigRecord({**dict(record), "server-round": server_round + self.round_offset,
@@ -157,6 +155,27 @@ class DistillStrategy(Strategy):
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type,
                                     ttl=self.round_timeout))
         return messages
+
+    def _hand_out_partitions(self, grid: Grid, connected: list[int], sampling: bool) -> None:
+        """Record a partition for every connected node not seen before.
+
+        A node's own ``partition-id`` wins (asked with :func:`pinned_partitions`,
+        only when a round samples a fraction of the nodes, since only then does
+        the order matter); the others, sorted by ID, get the lowest partitions
+        no node has, and once all are taken share one (numbers past
+        ``num_partitions`` wrap around) rather than get none.
+        """
+        new = [node for node in connected if node not in self.partition_of]
+        if not new:
+            return
+        pinned = pinned_partitions(grid, new, min(self.round_timeout or 60.0, 60.0)) if sampling else {}
+        self.num_partitions = self.num_partitions or len(connected)
+        self.partition_of.update(pinned)
+        for node in new:
+            if node not in pinned:
+                taken = set(self.partition_of.values())
+                free = (p for p in range(self.num_partitions) if p not in taken)
+                self.partition_of[node] = next(free, len(self.partition_of))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

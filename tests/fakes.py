@@ -7,13 +7,29 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 
 class FakeGrid:
-    """A Grid that only knows which nodes are connected."""
+    """A Grid that knows which nodes are connected and answers ``query`` messages with the real ClientApp handler.
 
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
+    ``node_configs`` gives a node's own config (e.g. a pinned ``partition-id``);
+    nodes in ``silent`` never answer. Messages sent are kept in ``sent``.
+    """
+
+    def __init__(self, node_ids, node_configs: dict | None = None, silent: tuple = ()):
+        self.node_ids, self.node_configs, self.silent = node_ids, node_configs or {}, set(silent)
+        self.sent: list[Message] = []
 
     def get_node_ids(self):
         return self.node_ids
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, RecordDict as State
+
+        from client.client_app import report_partition
+
+        messages = list(messages)
+        self.sent += messages
+        return [report_partition(m, Context(run_id=1, node_id=m.metadata.dst_node_id, state=State(), run_config={},
+                                            node_config=self.node_configs.get(m.metadata.dst_node_id, {})))
+                for m in messages if m.metadata.dst_node_id not in self.silent]
 
 
 def train_reply(arrays: dict[str, np.ndarray], node_id: int, metrics: dict) -> Message:

@@ -205,3 +205,17 @@ def test_the_same_seed_repeats_a_feddf_run_exactly(superlink, skewed, tmp_path):
     assert [r["teacher"] for r in again] == [r["teacher"] for r in skewed["feddf"][:4]]
     assert [r["distill"]["global"]["loss"] for r in again[1:]] == [r["distill"]["global"]["loss"]
                                                                     for r in skewed["feddf"][1:4]]
+
+
+def test_the_same_seed_samples_the_same_clients_when_a_round_asks_a_fraction(superlink, tmp_path):
+    # Simulation nodes get new random IDs in every run; sampling goes by partition, so the runs match.
+    teachers = []
+    for attempt in range(2):
+        out = tmp_path / f"out{attempt}"
+        run_id, status, lines = simulate(superlink, f'{SKEWED} distill="off" fraction-train=0.3 num-server-rounds=3 '
+                                         f'out-dir="{out}"', clients=10, timeout=300)
+        assert status == "finished:completed", "\n".join(lines)
+        rows = metrics(out / str(run_id))
+        assert all(len(r["clients"]) == 3 for r in rows[1:])
+        teachers.append([r["teacher"] for r in rows])
+    assert teachers[0] == teachers[1]

@@ -1,5 +1,6 @@
 """The server strategy: FedAvg's n_i/n weighting, partitions handed to nodes, distillation wired in."""
 
+import random
 import time
 
 import numpy as np
@@ -43,6 +44,44 @@ def test_server_hands_each_node_its_own_partition(make_strategy):
     assert {m.content["config"]["num-partitions"] for m in messages} == {3}
     again = strategy.configure_evaluate(2, arrays, ConfigRecord({}), grid)
     assert {m.metadata.dst_node_id: m.content["config"]["partition-id"] for m in again} == assigned
+
+
+def _sampled_partitions(strategy, grid, rounds=3):
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    return [sorted(strategy.partition_of[m.metadata.dst_node_id]
+                   for m in strategy.configure_train(r, arrays, ConfigRecord({}), grid)) for r in range(1, rounds + 1)]
+
+
+def test_a_seed_samples_the_same_partitions_whatever_ids_the_nodes_get(make_strategy):
+    # Simulation gives nodes new random IDs in every run; each node's config pins its partition.
+    drawn = []
+    for run in range(4):
+        ids = random.Random(run).sample(range(1, 10**6), 10)
+        grid = FakeGrid(ids, node_configs={node: {"partition-id": p, "num-partitions": 10} for p, node in enumerate(ids)})
+        random.seed(7)  # as the ServerApp does with the run's seed
+        drawn.append(_sampled_partitions(make_strategy(fraction_train=0.4), grid))
+    assert all(rounds == drawn[0] for rounds in drawn)
+    assert all(len(partitions) == 4 for partitions in drawn[0]) and len({tuple(p) for p in drawn[0]}) > 1
+
+
+def test_a_pinned_partition_is_what_the_server_records_and_sends_and_the_others_get_free_ones(make_strategy):
+    strategy = make_strategy(fraction_train=0.5)
+    grid = FakeGrid([30, 10, 20, 40], node_configs={40: {"partition-id": 0}, 20: {"data-dir": "/x", "partition-id": 3}},
+                    silent=[30])
+    messages = strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}), ConfigRecord({}), grid)
+    assert [m.metadata.message_type for m in grid.sent] == ["query"] * 4  # asked once, before sampling
+    # 40 pins 0; 10, 20 (own data: its pin is not a partition) and 30 (no answer) get the free ones in ID order.
+    assert strategy.partition_of == {40: 0, 10: 1, 20: 2, 30: 3}
+    assert all(m.content["config"]["partition-id"] == strategy.partition_of[m.metadata.dst_node_id] for m in messages)
+    strategy.configure_train(2, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}), ConfigRecord({}), grid)
+    assert len(grid.sent) == 4  # known nodes are not asked again
+
+
+def test_with_every_node_sampled_no_node_is_asked_its_partition(make_strategy):
+    grid = FakeGrid([3, 1, 2], node_configs={1: {"partition-id": 2}})
+    make_strategy(fraction_train=1.0).configure_train(1, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
+                                                      ConfigRecord({}), grid)
+    assert grid.sent == []
 
 
 def test_sampling_waits_for_min_nodes_at_most_node_wait_timeout_then_goes_on_with_those_there(make_strategy):
