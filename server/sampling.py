@@ -55,14 +55,29 @@ def pinned_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int,
 
     Asks each node once with a ``query`` message (``client/client_app.py``
     ``report_partition``) and waits at most ``timeout`` seconds. A node that
-    pins nothing, sends an error or does not answer in time is left out: the
-    server's hand-out decides its data, as before.
+    pins nothing is left out: the server's hand-out decides its data. One that
+    sends an error (e.g. an older ClientApp with no query handler) or an
+    unexpected reply, or does not answer in time, is left out too, with a
+    WARNING naming it: its place in the sample order, and so the sample, may
+    then differ between two runs with one seed.
     """
     asks = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, ttl=timeout) for node in nodes]
-    pinned = {}
+    pinned, unclear = {}, []
+    answered = set()
     for reply in grid.send_and_receive(asks, timeout=timeout):
-        if not reply.has_error() and (partition := int(reply.content["metrics"]["partition-id"])) >= 0:
-            pinned[reply.metadata.src_node_id] = partition
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+        if metrics is None or "partition-id" not in metrics:
+            unclear.append(node)
+        elif (partition := int(metrics["partition-id"])) >= 0:
+            pinned[node] = partition
+    if silent := sorted(set(nodes) - answered):
+        log(WARNING, "fl-distill: node(s) %s did not say their partition within %g s; the server hands them one, "
+            "and the same seed may sample other data in another run", silent, timeout)
+    if unclear:
+        log(WARNING, "fl-distill: node(s) %s sent an error or no partition-id to the partition query (an older "
+            "fl-distill ClientApp?); the server hands them one", sorted(unclear))
     log(INFO, "fl-distill: %d of %d new node(s) pin their partition", len(pinned), len(nodes))
     return pinned
 

@@ -74,9 +74,11 @@ class DistillStrategy(Strategy):
         max_update_norm: L2 bound on each client update (model − global model); 0 = no clipping.
         round_offset: rounds already done by the run this one resumes; Flower's round r is round r + offset.
 
-    Each node is told which partition of the pool is its own: nodes sorted by ID
-    get 0..n-1, so clients started without a ``partition-id`` (docker-compose
-    replicas) still train on distinct data. Replies are aggregated in the order of
+    Each node is told which partition of the pool is its own: a node whose config
+    pins a ``partition-id`` keeps it, the others (docker-compose replicas), sorted
+    by ID, get the free ones, so they still train on distinct data. A round that
+    samples a fraction draws from the nodes in partition order, not by node ID
+    (new in every run), so a seed samples the same data in every run. Replies are aggregated in the order of
     their content (:func:`content_digest`), not of arrival, so a seed repeats a run. Per-round timings, client
     metrics, failures and rejections land in ``round_stats`` (keyed by true round).
     """
@@ -139,8 +141,8 @@ class DistillStrategy(Strategy):
         """The inner strategy's messages to the sampled nodes, each with its partition, the true round and a TTL."""
         waited = time.perf_counter()
         connected = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
-        self._node_wait = time.perf_counter() - waited
-        self._hand_out_partitions(grid, connected, sampling=fraction < 1.0)
+        self._hand_out_partitions(grid, connected)
+        self._node_wait = time.perf_counter() - waited  # includes asking new nodes their partition
         # Sampled in partition order, not by node ID (new in every run): a seed repeats which data trains.
         chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum)
         log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
@@ -156,26 +158,30 @@ class DistillStrategy(Strategy):
                                     ttl=self.round_timeout))
         return messages
 
-    def _hand_out_partitions(self, grid: Grid, connected: list[int], sampling: bool) -> None:
+    def _hand_out_partitions(self, grid: Grid, connected: list[int]) -> None:
         """Record a partition for every connected node not seen before.
 
-        A node's own ``partition-id`` wins (asked with :func:`pinned_partitions`,
-        only when a round samples a fraction of the nodes, since only then does
-        the order matter); the others, sorted by ID, get the lowest partitions
-        no node has, and once all are taken share one (numbers past
-        ``num_partitions`` wrap around) rather than get none.
+        A node's own ``partition-id`` wins (asked with :func:`pinned_partitions`
+        when either phase samples a fraction of the nodes, since only then does
+        the order matter); the others, sorted by ID, get the lowest partitions no
+        connected node has, and once all are taken share one (numbers past
+        ``num_partitions`` wrap around) rather than get none. Two nodes that pin
+        one partition are ordered by node ID.
         """
         new = [node for node in connected if node not in self.partition_of]
         if not new:
             return
+        sampling = self.fraction_train < 1.0 or 0.0 < self.fraction_evaluate < 1.0
         pinned = pinned_partitions(grid, new, min(self.round_timeout or 60.0, 60.0)) if sampling else {}
         self.num_partitions = self.num_partitions or len(connected)
         self.partition_of.update(pinned)
         for node in new:
             if node not in pinned:
-                taken = set(self.partition_of.values())
+                # Only connected nodes hold a partition: a resumed run's old node IDs free theirs.
+                holders = [n for n in connected if n in self.partition_of]
+                taken = {self.partition_of[n] for n in holders}
                 free = (p for p in range(self.num_partitions) if p not in taken)
-                self.partition_of[node] = next(free, len(self.partition_of))
+                self.partition_of[node] = next(free, len(holders))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -46,42 +46,58 @@ def test_server_hands_each_node_its_own_partition(make_strategy):
     assert {m.metadata.dst_node_id: m.content["config"]["partition-id"] for m in again} == assigned
 
 
-def _sampled_partitions(strategy, grid, rounds=3):
-    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
-    return [sorted(strategy.partition_of[m.metadata.dst_node_id]
-                   for m in strategy.configure_train(r, arrays, ConfigRecord({}), grid)) for r in range(1, rounds + 1)]
+ZEROS = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
 
 
-def test_a_seed_samples_the_same_partitions_whatever_ids_the_nodes_get(make_strategy):
-    # Simulation gives nodes new random IDs in every run; each node's config pins its partition.
-    drawn = []
+def test_a_seed_samples_the_same_data_whatever_ids_the_nodes_get(make_strategy):
+    # Simulation gives nodes new random IDs in every run; each node's own config pins the data it trains on.
+    trained = []
     for run in range(4):
         ids = random.Random(run).sample(range(1, 10**6), 10)
         grid = FakeGrid(ids, node_configs={node: {"partition-id": p, "num-partitions": 10} for p, node in enumerate(ids)})
+        strategy = make_strategy(fraction_train=0.4)
         random.seed(7)  # as the ServerApp does with the run's seed
-        drawn.append(_sampled_partitions(make_strategy(fraction_train=0.4), grid))
-    assert all(rounds == drawn[0] for rounds in drawn)
-    assert all(len(partitions) == 4 for partitions in drawn[0]) and len({tuple(p) for p in drawn[0]}) > 1
+        trained.append([sorted(grid.node_configs[m.metadata.dst_node_id]["partition-id"]
+                               for m in strategy.configure_train(r, ZEROS, ConfigRecord({}), grid)) for r in (1, 2, 3)])
+    assert all(rounds == trained[0] for rounds in trained), trained
+    assert all(len(partitions) == 4 for partitions in trained[0]) and len({tuple(p) for p in trained[0]}) > 1
 
 
 def test_a_pinned_partition_is_what_the_server_records_and_sends_and_the_others_get_free_ones(make_strategy):
     strategy = make_strategy(fraction_train=0.5)
-    grid = FakeGrid([30, 10, 20, 40], node_configs={40: {"partition-id": 0}, 20: {"data-dir": "/x", "partition-id": 3}},
-                    silent=[30])
-    messages = strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}), ConfigRecord({}), grid)
+    grid = FakeGrid([30, 10, 20, 40], node_configs={40: {"partition-id": 0}, 20: {"data-dir": "/x", "partition-id": 3}})
+    messages = strategy.configure_train(1, ZEROS, ConfigRecord({}), grid)
     assert [m.metadata.message_type for m in grid.sent] == ["query"] * 4  # asked once, before sampling
-    # 40 pins 0; 10, 20 (own data: its pin is not a partition) and 30 (no answer) get the free ones in ID order.
+    # 40 pins 0; 10, 20 (own data: its pin is not a partition) and 30 (pins nothing) get the free ones in ID order.
     assert strategy.partition_of == {40: 0, 10: 1, 20: 2, 30: 3}
     assert all(m.content["config"]["partition-id"] == strategy.partition_of[m.metadata.dst_node_id] for m in messages)
-    strategy.configure_train(2, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}), ConfigRecord({}), grid)
+    strategy.configure_train(2, ZEROS, ConfigRecord({}), grid)
     assert len(grid.sent) == 4  # known nodes are not asked again
 
 
-def test_with_every_node_sampled_no_node_is_asked_its_partition(make_strategy):
+def test_a_node_that_does_not_say_its_partition_gets_one_and_a_warning_names_it(make_strategy, caplog):
+    strategy = make_strategy(fraction_train=0.5)
+    grid = FakeGrid([1, 2, 3], node_configs={1: {"partition-id": 2}, 3: {"partition-id": 0}}, silent=[3])
+    strategy.configure_train(1, ZEROS, ConfigRecord({}), grid)
+    assert strategy.partition_of == {1: 2, 2: 0, 3: 1}
+    assert "node(s) [3] did not say their partition" in caplog.text
+
+
+@pytest.mark.parametrize("fraction_train, fraction_evaluate, asked", [(1.0, 0.0, False), (1.0, 1.0, False),
+                                                                      (1.0, 0.5, True), (0.5, 0.0, True)])
+def test_nodes_are_asked_their_partition_only_when_a_phase_samples_a_fraction(make_strategy, fraction_train,
+                                                                              fraction_evaluate, asked):
     grid = FakeGrid([3, 1, 2], node_configs={1: {"partition-id": 2}})
-    make_strategy(fraction_train=1.0).configure_train(1, ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
-                                                      ConfigRecord({}), grid)
-    assert grid.sent == []
+    make_strategy(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate).configure_train(
+        1, ZEROS, ConfigRecord({}), grid)
+    assert bool(grid.sent) == asked
+
+
+def test_a_resumed_run_hands_the_partitions_of_nodes_gone_to_new_ones(make_strategy):
+    strategy = make_strategy()
+    strategy.load_partition_state({"partition-of": {"11": 0, "12": 1, "13": 2}, "num-partitions": 3})
+    strategy.configure_train(1, ZEROS, ConfigRecord({}), FakeGrid([12, 50, 60]))  # 11 and 13 came back as 50, 60
+    assert [strategy.partition_of[n] for n in (12, 50, 60)] == [1, 0, 2]
 
 
 def test_sampling_waits_for_min_nodes_at_most_node_wait_timeout_then_goes_on_with_those_there(make_strategy):
