@@ -5,7 +5,7 @@ SuperLink restart fails the running run, and ``Strategy.start`` always counts
 from round 1. So each round the ServerApp writes ``resume.pt`` into its run
 folder (after the round's ``metrics.jsonl`` line), atomically: the round number,
 the config the run ran with, the global model, the student with its optimizer
-and sampling-generator state, Python's RNG (node sampling), the privacy
+and sampling-generator state, the node-sampling generator's state, the privacy
 accountant's compositions (``dp``) and which node holds which partition. A new run with
 ``resume-from = '<run folder>'`` loads it and goes on from the next round, in
 the same folder.
@@ -43,18 +43,20 @@ class Resumable:
 
 
 def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.Module, distillation: dict,
-         privacy: dict | None = None, partitions: dict | None = None) -> None:
+         privacy: dict | None = None, partitions: dict | None = None, sampling_rng: tuple | None = None) -> None:
     """Write ``run_dir/resume.pt`` for ``server_round``: to a temporary file, flushed to disk, then renamed.
 
     ``partitions`` is the server's hand-out (``DistillStrategy.partition_state``),
-    so a resumed run gives each node the data it had.
+    so a resumed run gives each node the data it had; ``sampling_rng`` the state of
+    its node-sampling generator (``DistillStrategy.rng``), so it samples as the
+    uninterrupted run would.
     """
     state = {
         "round": server_round,
         "config": config.to_mapping(),
         "global_model": {k: v.detach().cpu() for k, v in global_model.state_dict().items()},
         "distillation": distillation,
-        "python_rng": random.getstate(),
+        "python_rng": sampling_rng if sampling_rng is not None else random.Random().getstate(),
         "privacy": privacy or {},
         "partitions": partitions or {},
     }

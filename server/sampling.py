@@ -82,11 +82,14 @@ def pinned_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int,
     return pinned
 
 
-def sample(nodes: list[int], fraction: float, minimum: int) -> list[int]:
-    """``fraction`` of ``nodes`` (at least ``minimum``, at most all of them), drawn at random.
+def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
+    """``fraction`` of ``nodes`` (at least ``minimum``, at most all of them), drawn with ``rng``.
 
     The draw picks positions in ``nodes``: given in the same order (by
-    partition) and the same ``random`` state, it picks the same data again.
+    partition) and an ``rng`` in the same state, it picks the same data again.
+    ``rng`` is the run's own generator, not the ``random`` module's: in
+    simulation Ray shares the ServerApp's process and draws from the module's
+    generator at times that vary between runs (``ray/_private/gcs_pubsub.py``).
     """
     size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-    return random.sample(nodes, size)
+    return rng.sample(nodes, size)

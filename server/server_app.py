@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import sys
 from logging import ERROR, INFO
 from pathlib import Path
@@ -44,7 +43,6 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
-    random.seed(config.seed)  # node sampling
     torch.manual_seed(config.seed)  # the same seed gives the same initial models
     teacher = build_teacher(test_set.input_shape, test_set.num_classes)
     log(INFO, "fl-distill: %s, teacher %s, student %s, proxy set %d, test set %d, device %s",
@@ -58,7 +56,6 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         teacher.load_state_dict(resumed.global_model)
         if distillation is not None:
             distillation.load_state_dict(resumed.distillation)
-        random.setstate(resumed.python_rng)
         log(INFO, "fl-distill: resuming %s after round %d; Flower's [ROUND r/N] below is round r + %d of %d",
             config.resume_from, done, done, config.num_server_rounds)
     aggregator, privacy = with_privacy(build_aggregator(config), config)
@@ -75,9 +72,11 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         round_timeout=config.round_timeout,
         max_update_norm=config.max_update_norm,
         round_offset=done,
+        sampling_seed=config.seed,
     )
     if resumed is not None:
         strategy.load_partition_state(resumed.partitions)
+        strategy.rng.setstate(resumed.python_rng)
     run_dir = Path(config.resume_from) if resumed else Path(config.out_dir) / str(run_id)
     report = RunReport(config, run_dir, test_set, device, resume_after=done)
     student = distillation.student if distillation else None
@@ -92,7 +91,8 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         metrics = report.record_round(server_round + done, teacher, student, stats)
         checkpoint.save(run_dir, server_round + done, config, teacher,
                         distillation.state_dict() if distillation else {},
-                        privacy.state_dict() if privacy else {}, strategy.partition_state())
+                        privacy.state_dict() if privacy else {}, strategy.partition_state(),
+                        strategy.rng.getstate())
         return metrics
 
     strategy.start(

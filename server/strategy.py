@@ -11,6 +11,7 @@ strategy and delegates to it, so a new aggregation needs no new class here.
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -73,6 +74,7 @@ class DistillStrategy(Strategy):
         round_timeout: seconds; also each instruction's TTL, so a slow node skips stale rounds.
         max_update_norm: L2 bound on each client update (model − global model); 0 = no clipping.
         round_offset: rounds already done by the run this one resumes; Flower's round r is round r + offset.
+        sampling_seed: seeds ``rng``, this run's generator for sampling nodes (its state is checkpointed).
 
     Each node is told which partition of the pool is its own: a node whose config
     pins a ``partition-id`` keeps it, the others (docker-compose replicas), sorted
@@ -86,7 +88,7 @@ class DistillStrategy(Strategy):
     def __init__(self, aggregator: FedAvg, distillation: ServerDistillation | None = None, *,
                  fraction_train: float = 1.0, fraction_evaluate: float = 0.0, min_nodes: int = 1,
                  num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
-                 max_update_norm: float = 0.0, round_offset: int = 0):
+                 max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None):
         super().__init__()
         self.aggregator = aggregator
         self.distillation = distillation
@@ -96,6 +98,7 @@ class DistillStrategy(Strategy):
         self.round_timeout = round_timeout
         self.max_update_norm = max_update_norm
         self.round_offset = round_offset
+        self.rng = random.Random(sampling_seed)
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
@@ -144,7 +147,8 @@ class DistillStrategy(Strategy):
         self._hand_out_partitions(grid, connected)
         self._node_wait = time.perf_counter() - waited  # includes asking new nodes their partition
         # Sampled in partition order, not by node ID (new in every run): a seed repeats which data trains.
-        chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum)
+        chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum,
+                        self.rng)
         log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
         messages = []
         for message in configure(server_round, arrays, config, SampledGrid(grid, chosen)):

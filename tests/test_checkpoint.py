@@ -2,12 +2,15 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
 from common.config import ConfigError
 from server import checkpoint
+from tests.fakes import FakeGrid
 
 
 def saved_run(tmp_path, config, rounds=2):
@@ -82,6 +85,28 @@ def test_the_partition_hand_out_survives_a_resume(tmp_path, config, make_strateg
     resumed.load_partition_state(checkpoint.load(replace(config, resume_from=str(run_dir),
                                                          num_server_rounds=4)).partitions)
     assert resumed.partition_of == {907: 2, 12: 0, 455: 1} and resumed.num_partitions == 3
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_resumed_run_samples_the_nodes_the_uninterrupted_run_would(tmp_path, config, make_strategy):
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    grid = FakeGrid(list(range(1, 21)))
+
+    def sampled(strategy, server_round):
+        return sorted(m.metadata.dst_node_id for m in strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+
+    uninterrupted = make_strategy(fraction_train=0.2, sampling_seed=3)
+    expected = [sampled(uninterrupted, r) for r in (1, 2, 3, 4)]
+    first = make_strategy(fraction_train=0.2, sampling_seed=3)
+    assert [sampled(first, r) for r in (1, 2)] == expected[:2]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoint.save(run_dir, 2, config, nn.Linear(3, 2), {}, {}, first.partition_state(), first.rng.getstate())
+    resumable = checkpoint.load(replace(config, resume_from=str(run_dir), num_server_rounds=4))
+    resumed = make_strategy(fraction_train=0.2, sampling_seed=3)
+    resumed.load_partition_state(resumable.partitions)
+    resumed.rng.setstate(resumable.python_rng)
+    assert [sampled(resumed, r) for r in (3, 4)] == expected[2:]
 
 
 def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, config):

@@ -55,10 +55,14 @@ def test_a_seed_samples_the_same_data_whatever_ids_the_nodes_get(make_strategy):
     for run in range(4):
         ids = random.Random(run).sample(range(1, 10**6), 10)
         grid = FakeGrid(ids, node_configs={node: {"partition-id": p, "num-partitions": 10} for p, node in enumerate(ids)})
-        strategy = make_strategy(fraction_train=0.4)
-        random.seed(7)  # as the ServerApp does with the run's seed
-        trained.append([sorted(grid.node_configs[m.metadata.dst_node_id]["partition-id"]
-                               for m in strategy.configure_train(r, ZEROS, ConfigRecord({}), grid)) for r in (1, 2, 3)])
+        strategy = make_strategy(fraction_train=0.4, sampling_seed=7)  # the ServerApp passes the run's seed
+        rounds = []
+        for server_round in (1, 2, 3):
+            random.random()  # Ray, in the same process, draws from the random module at times of its own
+            rounds.append(sorted(grid.node_configs[m.metadata.dst_node_id]["partition-id"]
+                                 for m in strategy.configure_train(server_round, ZEROS, ConfigRecord({}), grid)))
+            random.seed(run)
+        trained.append(rounds)
     assert all(rounds == trained[0] for rounds in trained), trained
     assert all(len(partitions) == 4 for partitions in trained[0]) and len({tuple(p) for p in trained[0]}) > 1
 
