@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     text = table(results, args.target_accuracy) + (
         f"\n\n{args.dataset}, {args.clients} clients, fraction-train {args.fraction}, {args.rounds} rounds, "
+        f"{args.local_epochs} local epoch(s), {args.distill_steps} distillation steps per round, "
         f"{args.seeds} seeds (0..{args.seeds - 1}); {len(results)} runs in {wall / 60:.1f} min wall")
     print(text)
     (out / "table.md").write_text(text + "\n")

@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from scripts import launch
 
@@ -98,6 +99,26 @@ def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_i
     assert privacy["mechanism"] == "local" and privacy["releases"] == 1 and 0 < privacy["epsilon"] < float("inf")
     for node in range(3):  # the mod comes with the FAB and runs in each node's warm executor
         assert "LocalDpMod: local DP noise" in (home / f"supernode-{node}.log").read_text()
+
+
+def test_a_sampled_round_asks_each_supernode_once_for_its_pinned_partition_over_grpc(federation, tmp_path):
+    home, _ = federation
+    out = tmp_path / "out"
+    run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=2 min-nodes=1 fraction-train=0.5 distill="off" '
+                             f'out-dir="{out}"', stream=False)
+    assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+    trained_on = set()  # launch.py pins partition-id = i on SuperNode i
+    for node in range(3):
+        tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
+        assert [t["type"] for t in tasks][:1] == ["query"] and [t["type"] for t in tasks].count("query") == 1
+        assert all(t["reply"] == "replied" for t in tasks)
+        if "train" in (t["type"] for t in tasks):
+            trained_on.add(node)
+    rows = metrics(out, run_id)
+    assert [len(r["clients"]) for r in rows[1:]] == [1, 1]  # int(3 * 0.5) = 1 node per round
+    state = torch.load(out / str(run_id) / "resume.pt", weights_only=False)["partitions"]["partition-of"]
+    assert sorted(state.values()) == [0, 1, 2]
+    assert {state[str(c["node-id"])] for r in rows[1:] for c in r["clients"]} == trained_on
 
 
 def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, tmp_path):
