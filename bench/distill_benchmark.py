@@ -150,7 +150,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's arguments; a bad value exits with one line naming it and what is allowed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -164,19 +165,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--partitionings", default=",".join(PARTITIONINGS),
                         help="comma-separated subset of " + ", ".join(PARTITIONINGS))
+    parser.add_argument("--out", default="", help="folder for table.md, accuracy.png, results.json and the runs "
+                        "(default bench/results/<dataset>, which holds the figures README shows: give another "
+                        "folder for a slice)")
     args = parser.parse_args(argv)
     for name in ("seeds", "rounds", "clients", "local_epochs", "distill_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed; use 1 or more")
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction = {args.fraction} is not allowed; use a number > 0 and <= 1")
+    if not 0 < args.target_accuracy <= 1:
+        parser.error(f"--target-accuracy = {args.target_accuracy} is not allowed; use a number > 0 and <= 1")
     for name, known in (("methods", METHODS), ("partitionings", PARTITIONINGS)):
         chosen = getattr(args, name).split(",")
         if unknown := [c for c in chosen if c not in known]:
-            parser.error(f"--{name}: {', '.join(unknown)} not known; use a subset of {', '.join(known)}")
+            parser.error(f"--{name}: {', '.join(map(repr, unknown))} not known; use a subset of {', '.join(known)}")
+        if twice := sorted({c for c in chosen if chosen.count(c) > 1}):
+            parser.error(f"--{name}: {', '.join(twice)} given more than once")
         setattr(args, name, chosen)
     args.data_root = str(Path(args.data_root).resolve())
-    out = launch.REPO / "bench" / "results" / args.dataset
+    args.out = Path(args.out).resolve() if args.out else launch.REPO / "bench" / "results" / args.dataset
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = run_all(args, out)
