@@ -179,13 +179,13 @@ class DistillStrategy(Strategy):
         pinned = pinned_partitions(grid, new, min(self.round_timeout or 60.0, 60.0)) if sampling else {}
         self.num_partitions = self.num_partitions or len(connected)
         self.partition_of.update(pinned)
-        for node in new:
-            if node not in pinned:
-                # Only connected nodes hold a partition: a resumed run's old node IDs free theirs.
-                holders = [n for n in connected if n in self.partition_of]
-                taken = {self.partition_of[n] for n in holders}
-                free = (p for p in range(self.num_partitions) if p not in taken)
-                self.partition_of[node] = next(free, len(holders))
+        # Only connected nodes hold a partition: a resumed run's old node IDs free theirs.
+        holders = sum(node in self.partition_of for node in connected)
+        taken = {self.partition_of[node] for node in connected if node in self.partition_of}
+        free = (p for p in range(self.num_partitions) if p not in taken)
+        for node in (node for node in new if node not in pinned):
+            self.partition_of[node] = next(free, holders)
+            holders += 1
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

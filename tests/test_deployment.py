@@ -59,6 +59,13 @@ def warm_parent(home, node: int) -> int:
     return int(parents[-1])
 
 
+def completed_run(home, run_config: str, **flwr_run_args) -> int:
+    """`flwr run` on the shared federation; the run's ID, once it has finished as completed."""
+    run_id = launch.flwr_run(home, CONNECTION, run_config, stream=False, **flwr_run_args)
+    assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+    return run_id
+
+
 def metrics(out, run_id) -> list[dict]:
     return [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
 
@@ -66,8 +73,7 @@ def metrics(out, run_id) -> list[dict]:
 def test_three_warm_supernodes_run_two_rounds_with_distillation_over_grpc(federation, tmp_path):
     home, processes = federation
     out = tmp_path / "out"
-    run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=2 min-nodes=3 out-dir="{out}"', stream=False)
-    assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+    run_id = completed_run(home, f'num-server-rounds=2 min-nodes=3 out-dir="{out}"')
     rows = metrics(out, run_id)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert len({c["node-id"] for c in rows[2]["clients"]}) == 3
@@ -92,9 +98,8 @@ def test_three_warm_supernodes_run_two_rounds_with_distillation_over_grpc(federa
 def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_it(federation, tmp_path):
     home, _ = federation
     out = tmp_path / "out"
-    run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=1 min-nodes=3 dp="local" distill="ensemble" '
-                             f'distill-steps=20 out-dir="{out}"', stream=False)
-    assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+    run_id = completed_run(home, f'num-server-rounds=1 min-nodes=3 dp="local" distill="ensemble" distill-steps=20 '
+                           f'out-dir="{out}"')
     privacy = metrics(out, run_id)[1]["privacy"]
     assert privacy["mechanism"] == "local" and privacy["releases"] == 1 and 0 < privacy["epsilon"] < float("inf")
     for node in range(3):  # the mod comes with the FAB and runs in each node's warm executor
@@ -104,9 +109,7 @@ def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_i
 def test_a_sampled_round_asks_each_supernode_once_for_its_pinned_partition_over_grpc(federation, tmp_path):
     home, _ = federation
     out = tmp_path / "out"
-    run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=2 min-nodes=1 fraction-train=0.5 distill="off" '
-                             f'out-dir="{out}"', stream=False)
-    assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+    run_id = completed_run(home, f'num-server-rounds=2 min-nodes=1 fraction-train=0.5 distill="off" out-dir="{out}"')
     trained_on = set()  # launch.py pins partition-id = i on SuperNode i
     for node in range(3):
         tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
@@ -137,9 +140,8 @@ def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, t
     runs = {}
     for name, app_dir in (("v1", launch.REPO), ("v2", app)):
         out = tmp_path / name
-        run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=1 min-nodes=3 fraction-evaluate=1.0 out-dir="{out}"',
-                                 stream=False, app=app_dir)
-        assert launch.wait_finished(home, CONNECTION, run_id, timeout=300) == "finished:completed"
+        run_id = completed_run(home, f'num-server-rounds=1 min-nodes=3 fraction-evaluate=1.0 out-dir="{out}"',
+                               app=app_dir)
         runs[name] = (run_id, metrics(out, run_id)[1]["clients"])
 
     assert all("app-version" not in c for c in runs["v1"][1])
