@@ -3,9 +3,12 @@
     python -m bench.distill_benchmark [--seeds 3] [--rounds 5] [--local-epochs 1] [--distill-steps 50]
 
 FedAvg, FedProx, FedAvgM, FedAdam, ``global`` distillation into the student, and
-FedDF (``ensemble`` fused back into the global model), each under IID, Dirichlet
-α=1 and α=0.1, with the FedDF paper's protocol: 20 clients, 40 % of them per
-round. Every run is a real Flower simulation (one SuperLink, ``flwr run`` per
+FedDF (``ensemble`` fused back into the global model, choosing its checkpoint on a
+labelled 20 % slice of the server's proxy set, as the FedDF paper holds out a
+labelled validation set), each under IID, Dirichlet α=1 and α=0.1, with the FedDF
+paper's protocol: 20 clients, 40 % of them per round. ``feddf-unlabelled`` (the
+server has no labels at all: the label-free guard in ``server/distillation.py``)
+runs when named in ``--methods``. Every run is a real Flower simulation (one SuperLink, ``flwr run`` per
 run) of the shipped app; figures come from its metrics.jsonl. Every method gets
 the same local budget (``--local-epochs``) and every distilling method the same
 distillation budget (``--distill-steps``); the defaults keep the whole grid
@@ -32,8 +35,10 @@ METHODS = {  # name -> run-config overrides; every other key at its default
     "fedavgm": 'distill="off" aggregation="fedavgm"',
     "fedadam": 'distill="off" aggregation="fedadam"',
     "global-student": 'distill="global"',
-    "feddf": 'distill="ensemble" distill-target="global"',
+    "feddf": 'distill="ensemble" distill-target="global" proxy-labelled=true',
+    "feddf-unlabelled": 'distill="ensemble" distill-target="global"',
 }
+DEFAULT_METHODS = [m for m in METHODS if m != "feddf-unlabelled"]  # the grid that fits in an hour
 PARTITIONINGS = {
     "iid": 'partitioning="iid"',
     "dir1": 'partitioning="dirichlet" dirichlet-alpha=1.0',
@@ -162,7 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="mnist-5k", choices=["mnist-5k", "digits", "mnist", "fashion-mnist", "cifar10"])
     parser.add_argument("--data-root", default="data", help="folder holding the torchvision dataset")
     parser.add_argument("--target-accuracy", type=float, default=0.7, help="for 'rounds to target'")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated subset of " + ", ".join(METHODS) + " (default: all but feddf-unlabelled)")
     parser.add_argument("--partitionings", default=",".join(PARTITIONINGS),
                         help="comma-separated subset of " + ", ".join(PARTITIONINGS))
     parser.add_argument("--out", default="", help="folder for table.md, accuracy.png, results.json and the runs "

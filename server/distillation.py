@@ -10,6 +10,7 @@ are computed once per round; a step then only runs the learner. Teachers:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from common.training import evaluate, predict_logits
 
 EARLY_STOP_EVERY = 20  # steps between checks on the validation slice
 EARLY_STOP_PATIENCE = 3  # checks without improvement before stopping
-VALIDATION_FRACTION = 0.2  # of a labelled proxy set, held out for early stopping
+VALIDATION_FRACTION = 0.2  # of the proxy set, held out to choose among checkpoints (see ServerDistillation)
 
 
 def distillation_loss(
@@ -101,17 +102,18 @@ class DistillSettings:
 class Distiller:
     """Trains one learner on a teacher's soft targets over the proxy set.
 
-    Given a labelled ``validation`` slice it checks accuracy there every few
-    steps, stops early and keeps the best weights; otherwise the step budget is
-    all there is. The Adam state lives as long as the Distiller, so a student
-    kept across rounds keeps its optimizer too.
+    Given a ``validation`` slice it checks accuracy there before the first step
+    and every few steps, stops early and keeps the best of those checkpoints
+    (the learner as it came in included: FedDF's fallback to the averaged
+    model); without one the step budget is all there is. The Adam state lives
+    as long as the Distiller, so a student kept across rounds keeps its
+    optimizer too.
     """
 
     def __init__(
         self,
         learner: nn.Module,
         proxy_train: Dataset,
-        validation: Dataset | None,
         settings: DistillSettings,
         device: torch.device,
         use_labels: bool,
@@ -119,21 +121,25 @@ class Distiller:
     ):
         self.learner = learner.to(device)
         self.proxy_train = proxy_train
-        self.validation = validation
         self.settings = settings
         self.device = device
         self.use_labels = use_labels
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=settings.lr)
 
-    def distill_round(self, teacher_logits: torch.Tensor) -> dict[str, float]:
-        """Up to ``steps`` Adam steps toward ``teacher_logits`` (one row per proxy-train image)."""
+    def distill_round(self, teacher_logits: torch.Tensor, validation: Dataset | None = None) -> dict[str, float]:
+        """Up to ``steps`` Adam steps toward ``teacher_logits`` (one row per proxy-train image).
+
+        Returns ``steps`` taken, the last batch's ``loss``, ``seconds`` and, with
+        a ``validation`` slice, ``kept-step``: the step whose weights were kept
+        (0: the learner as it came in) and its ``validation-accuracy``.
+        """
         s, started = self.settings, time.perf_counter()
         images = self.proxy_train.images
         labels = self.proxy_train.labels if self.use_labels else None
-        best_acc, best_state, stale, loss, step = -1.0, None, 0, torch.tensor(0.0), 0
-        if self.validation is not None:  # the learner as it came in is a candidate too (FedDF's fallback)
-            best_acc = evaluate(self.learner, self.validation, self.device)["accuracy"]
+        best_acc, best_state, best_step, stale, loss, step = -1.0, None, 0, 0, torch.tensor(0.0), 0
+        if validation is not None:
+            best_acc = evaluate(self.learner, validation, self.device)["accuracy"]
             best_state = copy.deepcopy(self.learner.state_dict())
         for step in range(1, s.steps + 1):
             idx = torch.randint(len(images), (min(s.batch_size, len(images)),), generator=self.generator)
@@ -148,17 +154,20 @@ class Distiller:
             )
             loss.backward()
             self.optimizer.step()
-            if self.validation is not None and (step % EARLY_STOP_EVERY == 0 or step == s.steps):
-                accuracy = evaluate(self.learner, self.validation, self.device)["accuracy"]
+            if validation is not None and (step % EARLY_STOP_EVERY == 0 or step == s.steps):
+                accuracy = evaluate(self.learner, validation, self.device)["accuracy"]
                 if accuracy > best_acc:
-                    best_acc, best_state, stale = accuracy, copy.deepcopy(self.learner.state_dict()), 0
+                    best_acc, best_state, best_step, stale = accuracy, copy.deepcopy(self.learner.state_dict()), step, 0
                 else:
                     stale += 1
                     if stale >= EARLY_STOP_PATIENCE:
                         break
+        stats = {"steps": step, "loss": loss.item(), "seconds": 0.0}
         if best_state is not None:
             self.learner.load_state_dict(best_state)
-        return {"steps": step, "loss": loss.item(), "seconds": time.perf_counter() - started}
+            stats.update({"kept-step": best_step, "validation-accuracy": best_acc})
+        stats["seconds"] = time.perf_counter() - started
+        return stats
 
 
 class ServerDistillation:
@@ -168,6 +177,15 @@ class ServerDistillation:
     (aggregated model or client ensemble), trains the student on them and, for
     FedDF's ``distill-target`` 'global'/'both', fine-tunes the aggregated model
     before it goes back to the clients. Client models live only inside ``run``.
+
+    A ``validation`` slice (``VALIDATION_FRACTION`` of the proxy set) is held out
+    when the proxy set is labelled or the run fuses back into the global model,
+    and every learner keeps its best checkpoint on it (:class:`Distiller`). Its
+    labels are the true ones when ``proxy-labelled``; otherwise they are the
+    round's teacher's top-1 on the held-out images, so fusion keeps the averaged
+    model unless distilling made it agree with the teacher on unseen proxy
+    images more often than it already did (a label-free form of the FedDF
+    authors' validation fallback, ``../shared/notes/feddf-fusion.md`` §2).
     """
 
     def __init__(self, config: RunConfig, proxy_set: Dataset, device: torch.device):
@@ -177,8 +195,9 @@ class ServerDistillation:
             config.distill_steps, config.distill_batch_size, config.distill_temperature,
             config.distill_alpha, config.distill_lr,
         )
+        fuses_back = config.distill_target in ("global", "both")
         order = np.random.default_rng(config.seed).permutation(len(proxy_set))
-        n_val = int(len(proxy_set) * VALIDATION_FRACTION) if config.proxy_labelled else 0
+        n_val = int(len(proxy_set) * VALIDATION_FRACTION) if config.proxy_labelled or fuses_back else 0
         self.validation = proxy_set.subset(np.sort(order[:n_val])) if n_val else None
         self.proxy_train = proxy_set.subset(np.sort(order[n_val:]))
         self.shape, self.num_classes = proxy_set.input_shape, proxy_set.num_classes
@@ -211,8 +230,7 @@ class ServerDistillation:
 
     def _distiller(self, learner: nn.Module) -> Distiller:
         return Distiller(
-            learner, self.proxy_train, self.validation, self.settings, self.device,
-            self.config.proxy_labelled, self.config.seed,
+            learner, self.proxy_train, self.settings, self.device, self.config.proxy_labelled, self.config.seed,
         )
 
     def _teacher_model(self, arrays: ArrayRecord) -> nn.Module:
@@ -220,9 +238,9 @@ class ServerDistillation:
         model.load_state_dict(arrays.to_torch_state_dict())
         return model
 
-    def teacher_logits(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> torch.Tensor:
-        """This round's soft-target source on the proxy-train images."""
-        images = self.proxy_train.images
+    def teacher_logits(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord],
+                       images: torch.Tensor) -> torch.Tensor:
+        """This round's soft-target source on ``images`` (N, C, H, W): logits (N, classes)."""
         if self.config.distill == "ensemble":
             anchor = self._teacher_model(global_arrays) if self.config.distill_anchor > 0 else None
             return ensemble_logits((self._teacher_model(a) for a in client_arrays), images, self.device,
@@ -232,13 +250,19 @@ class ServerDistillation:
     def run(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> tuple[ArrayRecord, dict]:
         """Distil this round; returns the (possibly fine-tuned) global model and timings."""
         started = time.perf_counter()
-        logits = self.teacher_logits(global_arrays, client_arrays)
+        validation, n_train = self.validation, len(self.proxy_train)
+        images = self.proxy_train.images if validation is None else torch.cat([self.proxy_train.images,
+                                                                                validation.images])
+        logits = self.teacher_logits(global_arrays, client_arrays, images)
+        if validation is not None and not self.config.proxy_labelled:
+            validation = dataclasses.replace(validation, labels=logits[n_train:].argmax(1).cpu())
+        logits = logits[:n_train]
         stats: dict = {}
         if self.config.distill_target in ("global", "both"):
             fused = self._teacher_model(global_arrays)
-            stats["global"] = self._distiller(fused).distill_round(logits)
+            stats["global"] = self._distiller(fused).distill_round(logits, validation)
             global_arrays = ArrayRecord(fused.cpu().state_dict())
         if self.student_distiller is not None:
-            stats["student"] = self.student_distiller.distill_round(logits)
+            stats["student"] = self.student_distiller.distill_round(logits, validation)
         stats["seconds"] = time.perf_counter() - started
         return global_arrays, stats

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 
 from common.data import server_sets
 from common.models import build_teacher
-from common.training import evaluate, predict_logits
+from common.training import evaluate, predict_logits, train_local
 from server.distillation import ServerDistillation, distillation_loss, ensemble_logits
 
 
@@ -91,7 +91,8 @@ def small_run(config):
 def test_with_one_client_ensemble_and_global_teachers_agree(small_run):
     config, proxy, _, arrays, _ = small_run
     by_mode = {
-        mode: ServerDistillation(dataclasses.replace(config, distill=mode), proxy, torch.device("cpu")).teacher_logits(arrays, [arrays])
+        mode: ServerDistillation(dataclasses.replace(config, distill=mode), proxy, torch.device("cpu"))
+        .teacher_logits(arrays, [arrays], proxy.images)
         for mode in ("global", "ensemble")
     }
     t = config.distill_temperature
@@ -113,16 +114,46 @@ def test_a_distillation_round_moves_the_student_toward_the_teacher(small_run):
     assert returned is arrays  # target 'student' leaves the global model alone
 
 
-def test_target_global_fine_tunes_the_aggregated_model_on_the_ensemble(small_run):
-    config, proxy, _, arrays, _ = small_run
+def _trained_client(proxy, test):
+    model = build_teacher(proxy.input_shape, proxy.num_classes)
+    train_local(model, test, epochs=3, batch_size=16, lr=0.05, device=torch.device("cpu"), seed=0)
+    return ArrayRecord(model.state_dict())
+
+
+def _weights_changed(returned: ArrayRecord, arrays: ArrayRecord) -> bool:
+    return any(not torch.equal(torch.tensor(returned[k].numpy()), torch.tensor(arrays[k].numpy()))
+               for k in arrays.keys())
+
+
+def test_target_global_fine_tunes_the_aggregated_model_toward_a_better_ensemble(small_run):
+    # an untrained averaged model, one client that has learnt the task: fusion moves the
+    # averaged model toward what the ensemble says on held-out proxy images, so it is kept
+    config, proxy, test, arrays, _ = small_run
     config = dataclasses.replace(config, distill="ensemble", distill_target="global")
-    other = ArrayRecord(build_teacher(proxy.input_shape, proxy.num_classes).state_dict())
     distillation = ServerDistillation(config, proxy, torch.device("cpu"))
-    returned, stats = distillation.run(arrays, [arrays, other])
+    assert len(distillation.validation) == int(0.2 * len(proxy))  # held out although the proxy set is unlabelled
+    returned, stats = distillation.run(arrays, [arrays, _trained_client(proxy, test)])
     assert distillation.student is None and "student" not in stats
-    changed = [not torch.equal(torch.tensor(returned[k].numpy()), torch.tensor(arrays[k].numpy()))
-               for k in arrays.keys()]
-    assert any(changed)
+    assert stats["global"]["kept-step"] > 0 and _weights_changed(returned, arrays)
+
+
+def test_fusion_that_does_not_agree_more_with_the_teacher_returns_the_averaged_model_unchanged(small_run):
+    # the label-free guard: the teacher's top-1 on held-out proxy images labels the
+    # validation slice; a teacher equal to the averaged model leaves nothing to gain
+    config, proxy, _, arrays, teacher = small_run
+    config = dataclasses.replace(config, distill="ensemble", distill_target="global", distill_steps=100)
+    distillation = ServerDistillation(config, proxy, torch.device("cpu"))
+    distillation.teacher_logits = lambda _g, _c, images: predict_logits(teacher, images, torch.device("cpu"))
+    returned, stats = distillation.run(arrays, [arrays])
+    assert stats["global"]["kept-step"] == 0 and stats["global"]["validation-accuracy"] == 1.0
+    assert not _weights_changed(returned, arrays)
+
+
+def test_a_student_only_run_on_an_unlabelled_proxy_set_trains_on_all_of_it(config):
+    proxy, _ = server_sets(config)
+    distillation = ServerDistillation(dataclasses.replace(config, distill_target="student"), proxy,
+                                      torch.device("cpu"))
+    assert distillation.validation is None and len(distillation.proxy_train) == len(proxy)
 
 
 def test_labelled_proxy_set_stops_early_on_its_validation_slice(small_run):
