@@ -91,6 +91,9 @@ class RunReport:
             line += f"  | round {row['round-seconds']:.1f}s: train {row['train-seconds']:.1f}s"
         if "distill" in row:
             line += f"  distill {row['distill']['seconds']:.1f}s"
+            if "kept-step" in row["distill"].get("global", {}):
+                kept = row["distill"]["global"]["kept-step"]
+                line += " (averaged model kept)" if kept == 0 else f" (fused, step {kept} kept)"
         if "privacy" in row:
             line += f"  | {privacy_text(row['privacy'])}"
         if "eval-accuracy" in row.get("client-metrics", {}):

@@ -147,3 +147,13 @@ def test_a_plot_that_fails_costs_only_the_picture(finished_report, caplog, monke
     assert not (report.run_dir / "report.png").exists()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("report.png" in r.getMessage() and "no fonts" in r.getMessage() for r in warnings)
+
+
+def test_the_round_line_says_whether_fusion_kept_the_averaged_model(config, tmp_path):
+    report = RunReport(config, tmp_path / "run", test_set=None, device=torch.device("cpu"))
+    row = {"round": 2, "teacher": {"accuracy": 0.5}, "distill": {"seconds": 1.0, "global": {"kept-step": 0}}}
+    assert "(averaged model kept)" in report.progress_line(row)
+    row["distill"]["global"]["kept-step"] = 40
+    assert "(fused, step 40 kept)" in report.progress_line(row)
+    del row["distill"]["global"]
+    assert "kept" not in report.progress_line(row)
