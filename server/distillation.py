@@ -162,7 +162,7 @@ class Distiller:
                     stale += 1
                     if stale >= EARLY_STOP_PATIENCE:
                         break
-        stats = {"steps": step, "loss": loss.item(), "seconds": 0.0}
+        stats: dict[str, float] = {"steps": step, "loss": loss.item()}
         if best_state is not None:
             self.learner.load_state_dict(best_state)
             stats.update({"kept-step": best_step, "validation-accuracy": best_acc})
