@@ -95,9 +95,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return float(value)
     if kind is str and isinstance(value, str):
         return value
+    allowed = "; use true or false (no quotes)" if kind is bool else ""
     raise ConfigError(
         f"run config '{key}' = {value!r} has type {type(value).__name__}; "
-        f"expected {kind.__name__}"
+        f"expected {kind.__name__}{allowed}"
     )
 
 

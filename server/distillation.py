@@ -102,10 +102,12 @@ class DistillSettings:
 class Distiller:
     """Trains one learner on a teacher's soft targets over the proxy set.
 
-    Given a ``validation`` slice it checks accuracy there before the first step
-    and every few steps, stops early and keeps the best of those checkpoints
-    (the learner as it came in included: FedDF's fallback to the averaged
-    model); without one the step budget is all there is. The Adam state lives
+    Given a ``validation`` slice it checks accuracy there (against the slice's
+    labels: true ones, or the teacher's top-1, see :class:`ServerDistillation`)
+    before the first step and every few steps, stops early and keeps the best of
+    those checkpoints, the learner as it came in included (for a fuse-back that
+    is the averaged model: FedDF's fallback; for the student, last round's
+    student); without one the step budget is all there is. The Adam state lives
     as long as the Distiller, so a student kept across rounds keeps its
     optimizer too.
     """
@@ -132,7 +134,8 @@ class Distiller:
 
         Returns ``steps`` taken, the last batch's ``loss``, ``seconds`` and, with
         a ``validation`` slice, ``kept-step``: the step whose weights were kept
-        (0: the learner as it came in) and its ``validation-accuracy``.
+        (0: the learner as it came in) and its ``validation-accuracy`` (top-1
+        agreement with the slice's labels, in [0, 1]).
         """
         s, started = self.settings, time.perf_counter()
         images = self.proxy_train.images

@@ -86,3 +86,8 @@ def test_proximal_mu_goes_with_fedprox_only(raw_config):
 def test_server_optimiser_defaults_parse(raw_config, aggregation):
     config = RunConfig.from_mapping({**raw_config, "aggregation": aggregation})
     assert (config.server_momentum, config.server_lr, config.server_tau) == (0.9, 0.01, 0.001)
+
+
+def test_a_quoted_boolean_is_refused_saying_true_or_false(raw_config):
+    with pytest.raises(ConfigError, match="'proxy-labelled' = 'maybe' has type str; expected bool; use true or false"):
+        RunConfig.from_mapping({**raw_config, "proxy-labelled": "maybe"})
