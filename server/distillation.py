@@ -198,9 +198,9 @@ class ServerDistillation:
             config.distill_steps, config.distill_batch_size, config.distill_temperature,
             config.distill_alpha, config.distill_lr,
         )
-        fuses_back = config.distill_target in ("global", "both")
+        self.fuses_back = config.distill_target in ("global", "both")
         order = np.random.default_rng(config.seed).permutation(len(proxy_set))
-        n_val = int(len(proxy_set) * VALIDATION_FRACTION) if config.proxy_labelled or fuses_back else 0
+        n_val = int(len(proxy_set) * VALIDATION_FRACTION) if config.proxy_labelled or self.fuses_back else 0
         self.validation = proxy_set.subset(np.sort(order[:n_val])) if n_val else None
         self.proxy_train = proxy_set.subset(np.sort(order[n_val:]))
         self.shape, self.num_classes = proxy_set.input_shape, proxy_set.num_classes
@@ -253,15 +253,17 @@ class ServerDistillation:
     def run(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> tuple[ArrayRecord, dict]:
         """Distil this round; returns the (possibly fine-tuned) global model and timings."""
         started = time.perf_counter()
-        validation, n_train = self.validation, len(self.proxy_train)
-        images = self.proxy_train.images if validation is None else torch.cat([self.proxy_train.images,
-                                                                                validation.images])
+        validation, images = self.validation, self.proxy_train.images
+        by_teacher = validation is not None and not self.config.proxy_labelled  # slice labelled by the teacher
+        if by_teacher:
+            images = torch.cat([images, validation.images])
         logits = self.teacher_logits(global_arrays, client_arrays, images)
-        if validation is not None and not self.config.proxy_labelled:
+        if by_teacher:
+            n_train = len(self.proxy_train)
             validation = dataclasses.replace(validation, labels=logits[n_train:].argmax(1).cpu())
-        logits = logits[:n_train]
+            logits = logits[:n_train]
         stats: dict = {}
-        if self.config.distill_target in ("global", "both"):
+        if self.fuses_back:
             fused = self._teacher_model(global_arrays)
             stats["global"] = self._distiller(fused).distill_round(logits, validation)
             global_arrays = ArrayRecord(fused.cpu().state_dict())
