@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partitionings", default=",".join(PARTITIONINGS),
                         help="comma-separated subset of " + ", ".join(PARTITIONINGS))
     parser.add_argument("--out", default="", help="folder for table.md, accuracy.png, results.json and the runs "
-                        "(default bench/results/<dataset>, which holds the figures README shows: give another "
+                        "(default bench/results/<dataset>, which holds the figures docs/benchmarks.md shows: give another "
                         "folder for a slice)")
     args = parser.parse_args(argv)
     for name in ("seeds", "rounds", "clients", "local_epochs", "distill_steps"):

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local_dp import local_dp
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, check_node_config
 from common.data import Dataset, client_set
 from common.image_folder import load_image_folder
 from common.models import build_teacher
@@ -33,6 +33,7 @@ def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Da
 
 def _setup(msg: Message, context: Context):
     config = RunConfig.from_mapping(context.run_config)
+    check_node_config(context.node_config)
     data = local_data(config, dict(context.node_config), dict(msg.content["config"]))
     if len(data) == 0:  # the partitioning guarantees one example; kept for edge cases it cannot see
         raise ConfigError(f"this client has no examples (dataset {config.dataset!r}, partitioning "

@@ -85,6 +85,31 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
+# Node-config keys a ClientApp reads: a SuperNode's `--node-config "key=value ..."`, per machine
+# (in simulation Flower sets partition-id and num-partitions). key -> (default, meaning);
+# docs/configuration.md lists the same (tests/test_docs.py checks it).
+NODE_CONFIG_KEYS: dict[str, tuple[str, str]] = {
+    "partition-id": ("handed out by the server", "which partition of the clients' pool this node trains on"),
+    "num-partitions": ("handed out by the server", "how many partitions the pool is cut into (with partition-id)"),
+    "data-dir": ("none", "a folder of the node's own images (ImageFolder layout) instead of a partition"),
+    "device": ("the run config's device", "auto, cpu or cuda for this node only"),
+}
+
+
+def check_node_config(node_config: Mapping[str, Any]) -> None:
+    """Refuse a node-config key no part of the app reads (a typo would otherwise be a silent default).
+
+    Raises:
+        ConfigError: naming the unknown key(s) and the known ones.
+    """
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"node config has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"known keys: {', '.join(NODE_CONFIG_KEYS)}"
+        )
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
     """Accept what TOML and ``--run-config`` produce; reject anything else."""
     if kind is bool and isinstance(value, bool):

@@ -20,6 +20,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+# Ray's tip about a default it will change (ray/_private/worker.py, on every ray.init()): the
+# behaviour it announces is not used here (a ClientApp actor without GPUs must not see one).
+RAY_TIP_FILTER = "ignore::FutureWarning:ray._private.worker"
+# Flower 1.39's simulation prints this on every run, also when the federation config sets
+# num-supernodes (flwr/simulation/app.py); the next line of the stream gives the real count.
+FLOWER_NOTICES = ("Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",)
 
 
 @dataclass
@@ -41,7 +47,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for Flower processes: this venv's scripts first on PATH (the
     SuperLink spawns `flower-superexec`), telemetry and dependency installs off."""
     path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
+    warnings = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), RAY_TIP_FILTER)))
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": path, "PYTHONWARNINGS": warnings}
 
 
 def bin_path(name: str) -> str:
@@ -172,6 +179,8 @@ def flwr_run(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(flwr_home))
     run_id = None
     for line in proc.stdout:
+        if any(notice in line for notice in FLOWER_NOTICES):
+            continue
         echo(line.rstrip("\n"))
         if "Successfully started run" in line:
             run_id = int(line.split("Successfully started run")[1].split()[0])

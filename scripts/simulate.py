@@ -12,12 +12,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flwr.common.config import get_project_config, parse_config_args
+
+from common.config import ConfigError, RunConfig
 from scripts import launch
 
 CONNECTION = "fl-distill-sim"
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_config(overrides: str) -> RunConfig:
+    """The run config this app would run with: pyproject.toml's defaults plus ``--run-config`` overrides,
+    checked here so that a bad value is refused before any Flower process starts."""
+    defaults = get_project_config(launch.REPO)["tool"]["flwr"]["app"]["config"]
+    try:
+        parsed = parse_config_args([overrides]) if overrides else {}
+    except Exception as err:  # Flower's own message says what the format is
+        raise ConfigError(f"--run-config {overrides!r}: {getattr(err, 'message', err)}") from None
+    return RunConfig.from_mapping({**defaults, **parsed})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """The command line and the run config it asks for; exits 2 with a message on a bad value."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10, help="virtual clients (SuperNodes), default 10")
     parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "num-server-rounds=3"')
@@ -25,7 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clients < 1:
         parser.error(f"--clients = {args.clients} is not allowed; use 1 or more")
+    try:
+        config = run_config(args.run_config)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.clients < config.min_nodes:
+        # In simulation the node count is fixed at start: every round would wait
+        # node-wait-timeout for nodes that cannot exist.
+        parser.error(
+            f"--clients = {args.clients} is fewer than the run config's min-nodes = {config.min_nodes}: "
+            f"a simulation of {args.clients} client(s) never has {config.min_nodes} nodes, and each round would "
+            f"wait node-wait-timeout ({config.node_wait_timeout:g} s) for them; use --clients {config.min_nodes} "
+            f"or more, or --run-config \"min-nodes={args.clients}\"")
+    return args, config
 
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(argv)
     home = launch.Path(args.flwr_home)
     launch.write_connection(home, CONNECTION, launch.Ports().address)
     superlink = launch.start_superlink(home, launch.Ports(), simulation=True)
@@ -40,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if status != "finished:completed":
         print(f"fl-distill: run {run_id} ended {status}; see the log above and {home / 'superlink.log'}", file=sys.stderr)
         return 1
-    print(f"fl-distill: run {run_id} {status}; outputs in outputs/{run_id}/ (or the out-dir you set)")
+    run_dir = config.resume_from or f"{config.out_dir}/{run_id}"  # relative to the repository, where the SuperLink runs
+    print(f"fl-distill: run {run_id} {status}; outputs in {run_dir}/")
     return 0
 
 

@@ -63,7 +63,7 @@ def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: t
     FedDF's AVGLOGITS (Lin et al. 2020, Sec. 3) averages raw logits; under
     strong label skew a client that saw one class emits input-independent
     logits tens of times larger than the others' and alone decides every soft
-    target (``README.md``, "FedDF under strong skew"). Averaging probabilities
+    target (``docs/distillation.md``, "FedDF under strong skew"). Averaging probabilities
     (the authors' ``avg_probs`` option) caps each client at a 1/K share, and the
     anchor, the round's averaged model, keeps the teacher no worse than a mix
     of FedAvg and the ensemble (FedBE, Chen & Chao 2021, counts the averaged

@@ -116,8 +116,8 @@ class DistillStrategy(Strategy):
             self.num_partitions = int(state["num-partitions"])
 
     def summary(self) -> None:
-        log(INFO, "\t├── fl-distill: sampling %g of the nodes (min-nodes %d), validation, clipping %s, "
-            "distillation %s, around:", self.fraction_train, self.min_nodes,
+        log(INFO, "\t├── fl-distill: training %g%% of the nodes a round (at least min-nodes %d), validation, clipping %s, "
+            "distillation %s, around:", 100 * self.fraction_train, self.min_nodes,
             self.max_update_norm or "off", "on" if self.distillation else "off")
         self.aggregator.summary()
 

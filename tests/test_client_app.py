@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import client_set
 from common.models import build_teacher
 from common.training import evaluate, setup_compute
@@ -45,3 +45,14 @@ def test_train_reply_carries_the_local_evaluation_of_the_model_it_received(raw_c
 
 def test_one_message_per_round_is_the_default(config):
     assert config.fraction_evaluate == 0.0
+
+
+def test_a_node_config_key_the_app_does_not_read_is_refused_naming_it(raw_config):
+    request = Message(
+        content=RecordDict({"arrays": ArrayRecord(build_teacher((1, 8, 8), 10).state_dict()),
+                            "config": ConfigRecord({"server-round": 1, "partition-id": 0, "num-partitions": 3})}),
+        dst_node_id=7, message_type="train",
+    )
+    context = Context(run_id=1, node_id=7, node_config={"partition_id": 1}, state=RecordDict(), run_config=raw_config)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'partition_id'; known keys: partition-id, "):
+        train(request, context)

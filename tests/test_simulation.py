@@ -32,8 +32,10 @@ def metrics(run_dir) -> list[dict]:
 
 def test_two_rounds_with_distillation_complete_and_write_outputs(superlink, tmp_path):
     out = tmp_path / "out"
-    run_id, status, _ = simulate(superlink, f'num-server-rounds=2 out-dir="{out}"')
+    run_id, status, lines = simulate(superlink, f'num-server-rounds=2 out-dir="{out}"')
     assert status == "finished:completed"
+    warnings = [line for line in lines if "WARNING" in line or "Warning" in line]
+    assert not warnings, f"a healthy run printed warnings: {warnings}"
     run_dir = out / str(run_id)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -115,7 +117,7 @@ DP_CELLS = [(distill, dp, "fedavg") for distill in ("off", "global", "ensemble")
 def test_every_allowed_distill_and_dp_combination_completes_and_reports_epsilon(superlink, tmp_path, distill, dp,
                                                                                   aggregation):
     out = tmp_path / "out"
-    # Noise small enough for 2 clients to keep learning (with the defaults it swamps them: see README).
+    # Noise small enough for 2 clients to keep learning (with the defaults it swamps them: see docs/privacy.md).
     run_id, status, lines = simulate(superlink, f'distill="{distill}" dp="{dp}" aggregation="{aggregation}" '
                                      f'num-server-rounds=2 dp-clipping-norm=0.1 dp-noise-multiplier=0.3 '
                                      f'dp-local-epsilon=50 distill-steps=20 out-dir="{out}"', clients=2)
