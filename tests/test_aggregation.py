@@ -140,7 +140,7 @@ def test_every_aggregation_builds_and_summarises(config, aggregation, caplog):
 
     assert aggregation in AGGREGATIONS
     strategy_for(config, aggregation).summary()
-    assert "fl-distill: sampling" in caplog.text
+    assert "fl-distill: training 100% of the nodes a round" in caplog.text
 
 
 def test_fedprox_instruction_carries_proximal_mu(config):
