@@ -23,9 +23,12 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_IN
 # Ray's tip about a default it will change (ray/_private/worker.py, on every ray.init()): the
 # behaviour it announces is not used here (a ClientApp actor without GPUs must not see one).
 RAY_TIP_FILTER = "ignore::FutureWarning:ray._private.worker"
-# Flower 1.39's simulation prints this on every run, also when the federation config sets
-# num-supernodes (flwr/simulation/app.py); the next line of the stream gives the real count.
-FLOWER_NOTICES = ("Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",)
+# Flower 1.39's simulation logs these as WARNINGs on every healthy run, so they are left out of the
+# streamed log (the SuperLink's log keeps them): the federation size notice, also when the federation
+# config sets num-supernodes (flwr/simulation/app.py; the next line gives the real count), and each Ray
+# actor's normal shutdown at the end (flwr/simulation/ray_transport/ray_actor.py, `terminate`).
+FLOWER_NOTICES = ("Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
+                  "Manually terminating ClientAppActor")
 
 
 @dataclass
