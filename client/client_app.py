@@ -7,6 +7,7 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.delivery import deliver
 from client.local_dp import local_dp
 from common.config import ConfigError, RunConfig, check_node_config
 from common.data import Dataset, client_set
@@ -86,6 +87,26 @@ def report_partition(msg: Message, context: Context) -> Message:
     pinned = "partition-id" in node_config and not node_config.get("data-dir")
     partition = int(node_config["partition-id"]) if pinned else -1
     return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition})}), reply_to=msg)
+
+
+@app.query("deliver")
+def receive_models(msg: Message, context: Context) -> Message:
+    """Install the delivered models in this node's ``model-dir`` and reply with their figures here.
+
+    Message type ``query.deliver`` (``server/delivery.py``); the work is ``client/delivery.py``'s.
+    """
+    config = RunConfig.from_mapping(context.run_config)
+    check_node_config(context.node_config)
+    node_config, message_config = dict(context.node_config), dict(msg.content["config"])
+
+    def data_of() -> tuple[Dataset, str]:
+        if node_config.get("data-dir"):
+            return local_data(config, node_config, message_config), f"data-dir {node_config['data-dir']}"
+        partition, partitions = partition_of(node_config, message_config)
+        return (client_set(config, partition, partitions),
+                f"partition {partition} of {partitions} (the global model trained on it)")
+
+    return deliver(msg, node_config, data_of)
 
 
 @app.evaluate()

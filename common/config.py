@@ -20,6 +20,7 @@ DISTILL_TARGETS = ("student", "global", "both")
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "trimmed-mean", "median")
 DP_MODES = ("off", "central", "local")
+DELIVERIES = ("auto", "student", "global", "both", "none")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,8 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "dp-delta": (float, ((lambda v: 0 <= v < 1), "a number >= 0 and < 1 (0: 1 / the number of pool examples)")),
     "resume-from": (str, ((lambda v: True), "'' for a new run, or the folder of the run to continue")),
     "device": (str, _choice(DEVICES)),
+    "deliver": (str, _choice(DELIVERIES)),
+    "deliver-every": (int, _range(0)),
 }
 
 
@@ -93,6 +96,7 @@ NODE_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "num-partitions": ("handed out by the server", "how many partitions the pool is cut into (with partition-id)"),
     "data-dir": ("none", "a folder of the node's own images (ImageFolder layout) instead of a partition"),
     "device": ("the run config's device", "auto, cpu or cuda for this node only"),
+    "model-dir": ("models", "where delivered models are installed, relative to the SuperNode's directory"),
 }
 
 
@@ -173,6 +177,8 @@ class RunConfig:
     dp_delta: float
     resume_from: str
     device: str
+    deliver: str
+    deliver_every: int
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -214,6 +220,11 @@ class RunConfig:
                 "noise (noise multiplier x clipping norm / clients) is calibrated for the mean of clipped updates; "
                 "use aggregation = 'fedavg' (or 'fedprox', whose server side is FedAvg), or dp = 'local', which works "
                 "with every aggregation")
+        if config.deliver in ("student", "both") and not config.trains_student:
+            raise ConfigError(
+                f"run config 'deliver' = {config.deliver!r} needs a student, and distill = {config.distill!r} with "
+                f"distill-target = {config.distill_target!r} trains none; use deliver = 'global' (or 'auto'), or "
+                "distill-target = 'both'")
         if config.aggregation == "fedprox" and config.proximal_mu == 0:
             raise ConfigError(
                 "run config 'proximal-mu' = 0 with aggregation = 'fedprox' is refused: without the proximal term "
@@ -223,6 +234,11 @@ class RunConfig:
                 f"run config 'proximal-mu' = {config.proximal_mu:g} needs aggregation = 'fedprox' "
                 f"(aggregation = {config.aggregation!r} sends no proximal term to the clients)")
         return config
+
+    @property
+    def trains_student(self) -> bool:
+        """Whether the server distils a student (every mode but 'off', unless it fuses into the global model only)."""
+        return self.distill != "off" and self.distill_target in ("student", "both")
 
     def to_mapping(self) -> dict[str, Any]:
         """The config as Flower run-config keys (for summaries and messages)."""

@@ -58,6 +58,24 @@ def _read(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor | No
     return resize(pixels, list(size), antialias=True).float() / 255.0
 
 
+def read_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor | None:
+    """One image preprocessed exactly as for training: (C, H, W) standardized, or None (warned) if unreadable."""
+    pixels = _read(path, channels, size)
+    return None if pixels is None else standardize(pixels)
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files named, and every visible file under the folders named, in sorted order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            found.append(path)
+    return found
+
+
 def load_image_folder(data_dir: str, dataset: str) -> Dataset:
     """This client's images under ``data_dir``, shaped and labelled like ``dataset``.
 

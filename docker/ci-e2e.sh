@@ -56,7 +56,7 @@ BASE_TAG=fl-distill/base:bookworm-py311
 FLEET_PORT=19092 CONTROL_PORT=18000 WHEEL_PORT=18765
 export FLD_FLEET_PUBLISH=127.0.0.1:$FLEET_PORT FLD_CONTROL_PUBLISH=127.0.0.1:$CONTROL_PORT
 WHEELHOUSE=${E2E_WHEELHOUSE:-$here/wheelhouse}
-EXPECTED_OUTPUTS="metrics.jsonl summary.json global.safetensors student.safetensors"
+EXPECTED_OUTPUTS="metrics.jsonl summary.json global.safetensors student.safetensors student.onnx student.int8.onnx devices.json"
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/fld-e2e.XXXXXX")
 export FLD_CERTS_DIR=$work/certs

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Print the app's runtime requirements, one per line, for the container images.
 
-Reads ``[project].dependencies`` and the ``dp`` extra (``dp = "central"`` needs
-the accountant in the ServerApp) from the app's pyproject.toml (the single
+Reads ``[project].dependencies``, the ``dp`` extra (``dp = "central"`` needs
+the accountant in the ServerApp) and the ``onnx`` extra (the ServerApp exports
+and quantizes the student; clients run what is delivered to them with
+onnxruntime) from the app's pyproject.toml (the single
 source of truth) and drops the ``simulation`` extra of flwr: SuperLink/SuperNode
 containers run the deployment runtime and do not need Ray.
 
@@ -17,7 +19,8 @@ import tomllib
 def main(path: str) -> None:
     with open(path, "rb") as f:
         project = tomllib.load(f)["project"]
-    deps = project["dependencies"] + project.get("optional-dependencies", {}).get("dp", [])
+    extras = project.get("optional-dependencies", {})
+    deps = project["dependencies"] + extras.get("dp", []) + extras.get("onnx", [])
     for dep in deps:
         # "flwr[simulation]>=1.39,<1.40" -> "flwr>=1.39,<1.40"
         m = re.match(r"^\s*(flwr)\s*\[([^\]]*)\](.*)$", dep)

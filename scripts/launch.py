@@ -131,11 +131,13 @@ def supernode_command(executor: str = "warm") -> list[str]:
 def start_supernodes(
     flwr_home: Path, ports: Ports, count: int, first_runtime_port: int, executor: str = "warm"
 ) -> list[subprocess.Popen]:
-    """``count`` SuperNodes on 127.0.0.1, node i holding partition i of ``count``."""
+    """``count`` SuperNodes on 127.0.0.1, node i holding partition i of ``count``, its delivered models in
+    ``flwr_home/models-<i>`` (each node its own model folder, as on separate machines)."""
     return [
         start(
             [*supernode_command(executor), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
-             "--port", str(first_runtime_port + i), "--node-config", f"partition-id={i} num-partitions={count}"],
+             "--port", str(first_runtime_port + i), "--node-config",
+             f"partition-id={i} num-partitions={count} model-dir=\"{flwr_home / f'models-{i}'}\""],
             flwr_home / f"supernode-{i}.log", flower_env(flwr_home),
         )
         for i in range(count)

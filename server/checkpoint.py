@@ -26,7 +26,7 @@ from common.config import ConfigError, RunConfig
 RESUME_FILE = "resume.pt"
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 MAY_CHANGE = ("num-server-rounds", "min-nodes", "node-wait-timeout", "round-timeout", "fraction-evaluate",
-              "out-dir", "resume-from", "device")
+              "out-dir", "resume-from", "device", "deliver", "deliver-every")
 
 
 @dataclass

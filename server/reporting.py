@@ -100,8 +100,11 @@ class RunReport:
             line += f"  | clients' local acc before training {row['client-metrics']['eval-accuracy']:.3f}"
         return line
 
-    def finish(self, teacher: nn.Module, student: nn.Module | None) -> dict:
-        """Export the student, write summary.json, log the summary table; returns the summary."""
+    def finish(self, teacher: nn.Module, student: nn.Module | None, calibration: torch.Tensor | None = None) -> dict:
+        """Export the student, write summary.json, log the summary table; returns the summary.
+
+        ``calibration``: proxy-set images (N, C, H, W) for the int8 student's activation ranges.
+        """
         last = self.rows[-1]
         summary = {
             "rounds": last["round"],
@@ -116,9 +119,12 @@ class RunReport:
             summary["privacy"] = privacy[-1]
         if student is not None:
             summary["student"] = {**last["student"], **vars(model_size(student))}
-            deployment = deployment_report(teacher, student, self.test_set.input_shape, self.run_dir)
+            deployment = deployment_report(teacher, student, self.test_set.input_shape, self.run_dir,
+                                           calibration, self.test_set)
             for name in ("teacher", "student"):
                 summary[name].update(deployment[name])
+            if "student-int8" in deployment:
+                summary["student-int8"] = {**deployment["student-int8"], "parameters": summary["student"]["parameters"]}
         try:  # the picture is a nicety: never lose summary.json over it
             from server.report_plot import plot_run
 
@@ -136,6 +142,25 @@ class RunReport:
         return summary
 
 
+    def record_delivery(self, rows: list[dict], seconds: float) -> None:
+        """Write ``devices.json`` (one row per node), point ``summary.json`` to it, log the device table."""
+        from server.delivery import device_table
+
+        path = self.run_dir / "devices.json"
+        path.write_text(json.dumps(rows, indent=2))
+        installed = sum(row["status"] == "installed" for row in rows)
+        summary_path = self.run_dir / "summary.json"
+        if summary_path.exists():  # the end of the run; a delivery every few rounds comes before it
+            summary = json.loads(summary_path.read_text())
+            summary.update({"devices": str(path), "delivery-seconds": round(seconds, 2), "delivered-to": installed,
+                            "nodes": len(rows)})
+            summary_path.write_text(json.dumps(summary, indent=2))
+        log(INFO, "fl-distill: models installed on %d of %d node(s) in %.1f s; devices: %s",
+            installed, len(rows), seconds, path)
+        for line in device_table(rows).splitlines():
+            log(INFO, "%s", line)
+
+
 def privacy_text(privacy: dict) -> str:
     """'ε 3.54 (δ 0.001, central DP)': the privacy spent so far, for log lines."""
     per_client = ", per client" if privacy["mechanism"] == "local" else ""
@@ -145,19 +170,25 @@ def privacy_text(privacy: dict) -> str:
 def summary_table(summary: dict) -> str:
     """The end-of-run table: one row per model, with the ε spent when the run used DP."""
     privacy = summary.get("privacy")
-    header = f"{'model':<8} {'test acc':>8} {'ε':>7} {'test loss':>9} {'params':>10} {'MB':>6} {'ms/sample':>9}"
+    header = f"{'model':<12} {'test acc':>8} {'ε':>7} {'test loss':>9} {'params':>10} {'MB':>6} {'ms/sample':>9}"
     lines = [f"fl-distill: {summary['rounds']} rounds in {summary['seconds']:.0f}s", header, "-" * len(header)]
-    for name in ("teacher", "student"):
+    for name in ("teacher", "student", "student-int8"):
         if name in summary:
             m = summary[name]
             latency = f"{m['latency-ms']:>9.3f}" if "latency-ms" in m else f"{'-':>9}"
             epsilon = f"{privacy['epsilon']:>7.3g}" if privacy else f"{'-':>7}"
-            lines.append(f"{name:<8} {m['accuracy']:>8.4f} {epsilon} {m['loss']:>9.4f} {m['parameters']:>10,} "
+            loss = f"{m['loss']:>9.4f}" if "loss" in m else f"{'-':>9}"
+            lines.append(f"{name:<12} {m['accuracy']:>8.4f} {epsilon} {loss} {m['parameters']:>10,} "
                          f"{m['megabytes']:>6.2f} {latency}")
     if privacy:
         lines.append(f"privacy: {privacy_text(privacy)} after {privacy['releases']} releases, noise multiplier "
                      f"{privacy['noise-multiplier']:.3g}")
-    for name in ("teacher", "student"):
+    if "student-int8" in summary:
+        m, fp32 = summary["student-int8"], summary["student"]
+        lines.append(f"student-int8: {m['size-vs-fp32']:.2f}x the ONNX student's bytes, test acc "
+                     f"{m['accuracy'] - fp32['accuracy']:+.4f} against the student; latency with onnxruntime "
+                     f"(batch 1, one thread) {m['latency-ms']:.3f} ms vs {fp32['onnx-latency-ms']:.3f} ms (fp32)")
+    for name in ("teacher", "student", "student-int8"):
         if "files" in summary.get(name, {}):
             files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary[name]["files"].values())
             lines.append(f"{name} files: {files}")

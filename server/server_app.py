@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common.config import ConfigError, RunConfig
 from common.data import server_sets
@@ -17,6 +19,7 @@ from common.models import build_student, build_teacher, model_size
 from common.training import setup_compute
 from server import checkpoint
 from server.aggregation import build_aggregator
+from server.delivery import Delivery, delivered_models
 from server.distillation import ServerDistillation
 from server.privacy import with_privacy
 from server.reply_poll import ShortPollGrid
@@ -80,6 +83,12 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
     run_dir = Path(config.resume_from) if resumed else Path(config.out_dir) / str(run_id)
     report = RunReport(config, run_dir, test_set, device, resume_after=done)
     student = distillation.student if distillation else None
+    polling_grid = ShortPollGrid(grid, poll_interval=0.1)
+    delivery = Delivery(config, run_id, run_dir, proxy_set.images, test_set, simulation=isinstance(grid, InMemoryGrid))
+    names = delivered_models(config, student is not None)
+
+    def models_to_deliver() -> dict:
+        return {name: {"student": student, "global": teacher}[name] for name in names}
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:
@@ -93,10 +102,16 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
                         distillation.state_dict() if distillation else {},
                         privacy.state_dict() if privacy else {}, strategy.partition_state(),
                         strategy.rng.getstate())
+        if names and delivery.due(server_round + done):
+            row = report.rows[-1]
+            accuracies = {"global": row["teacher"]["accuracy"], "student": row.get("student", {}).get("accuracy")}
+            with tempfile.TemporaryDirectory() as folder:
+                report.record_delivery(*delivery.send(polling_grid, strategy, server_round + done,
+                                                      models_to_deliver(), accuracies, Path(folder)))
         return metrics
 
     strategy.start(
-        grid=ShortPollGrid(grid, poll_interval=0.1),
+        grid=polling_grid,
         initial_arrays=ArrayRecord(teacher.state_dict()),
         # Local DP: the clients noise with the δ the server accounts at.
         train_config=ConfigRecord({"dp-delta": privacy.delta} if privacy else {}),
@@ -104,4 +119,9 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         timeout=config.round_timeout,
         evaluate_fn=evaluate_round,
     )
-    report.finish(teacher, student)
+    summary = report.finish(teacher, student, calibration=proxy_set.images)
+    if names:
+        accuracies = {"global": summary["teacher"]["accuracy"], "student": summary.get("student", {}).get("accuracy"),
+                      "student-int8": summary.get("student-int8", {}).get("accuracy")}
+        report.record_delivery(*delivery.send(polling_grid, strategy, summary["rounds"], models_to_deliver(),
+                                              accuracies, run_dir))

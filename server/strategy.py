@@ -115,6 +115,12 @@ class DistillStrategy(Strategy):
             self.partition_of = {int(node): p for node, p in state["partition-of"].items()}
             self.num_partitions = int(state["num-partitions"])
 
+    def placements(self, grid: Grid) -> dict[int, tuple[int, int]]:
+        """{node ID: (partition, num-partitions)} of every connected node; new nodes are handed one first."""
+        connected = sorted(grid.get_node_ids())
+        self._hand_out_partitions(grid, connected)
+        return {node: (self.partition_of[node] % self.num_partitions, self.num_partitions) for node in connected}
+
     def summary(self) -> None:
         log(INFO, "\t├── fl-distill: training %g%% of the nodes a round (at least min-nodes %d), validation, clipping %s, "
             "distillation %s, around:", 100 * self.fraction_train, self.min_nodes,

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 PORTS = launch.Ports(http=8100, fleet=9192)  # apart from the defaults a user's own SuperLink may hold
 CONNECTION = "test-deployment"
 TASK_LINE = re.compile(
-    r"fl-distill-executor: task \d+ run (\d+) (\w+): [\d.]+ s, exit (-?\d+), (replied|NO REPLY), pid (\d+), parent (\d+)")
+    r"fl-distill-executor: task \d+ run (\d+) ([\w.]+): [\d.]+ s, exit (-?\d+), (replied|NO REPLY), pid (\d+), parent (\d+)")
 
 
 @contextlib.contextmanager
@@ -91,8 +91,40 @@ def test_three_warm_supernodes_run_two_rounds_with_distillation_over_grpc(federa
         parent = warm_parent(home, node)
         assert parent in launch.process_tree(supernode.pid)
         tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
-        assert [t["type"] for t in tasks] == ["train", "train"]
+        assert [t["type"] for t in tasks] == ["train", "train", "query.deliver"]  # the student, at the end
         assert all(t["exit"] == "0" and t["reply"] == "replied" and int(t["parent"]) == parent for t in tasks)
+
+
+def test_the_student_is_installed_on_every_supernode_and_predicts_there(federation, tmp_path):
+    """deliver='both' over gRPC: each node's model-dir holds what the server sent; fl-distill-predict runs on it."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from common.model_package import verify
+
+    home, _ = federation
+    out = tmp_path / "out"
+    run_id = completed_run(home, f'num-server-rounds=1 min-nodes=3 deliver="both" out-dir="{out}"')
+    rows = json.loads((out / str(run_id) / "devices.json").read_text())
+    assert sorted(row["partition"] for row in rows) == [0, 1, 2]
+    for row in rows:
+        assert row["status"] == "installed", row["error"]
+        folder = home / f"models-{row['partition']}" / "current"  # launch.py gives node i models-<i>
+        manifest = verify(folder)
+        assert manifest["run-id"] == run_id and set(manifest["models"]) == {"student", "student-int8", "global"}
+        assert all(0 <= m["accuracy"] <= 1 and m["latency-ms-b1"] > 0 for m in row["models"].values())
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((8, 8)) * 255).astype(np.uint8), "L").save(images / f"{i}.png")
+    (images / "cut.png").write_bytes((images / "0.png").read_bytes()[:30])
+    done = subprocess.run([launch.bin_path("fl-distill-predict"), "--model-dir", str(home / "models-0"), str(images)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [line.split(":")[0].rsplit("/", 1)[1] for line in done.stdout.splitlines()] == ["0.png", "1.png", "2.png"]
+    assert "cut.png" in done.stderr
 
 
 def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_it(federation, tmp_path):
@@ -150,7 +182,7 @@ def test_a_changed_app_runs_its_own_code_on_the_same_warm_executor(federation, t
         parent = warm_parent(home, node)
         for run_id, _ in runs.values():
             tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
-            assert sorted(t["type"] for t in tasks) == ["evaluate", "train"]  # fraction-evaluate > 0 still works
+            assert sorted(t["type"] for t in tasks) == ["evaluate", "query.deliver", "train"]  # evaluate still works
             assert all(int(t["parent"]) == parent for t in tasks)
 
 

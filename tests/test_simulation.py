@@ -223,3 +223,42 @@ def test_the_same_seed_samples_the_same_clients_when_a_round_asks_a_fraction(sup
         assert all(len(r["clients"]) == 3 for r in rows[1:])
         teachers.append([r["teacher"] for r in rows])
     assert teachers[0] == teachers[1]
+
+
+def test_a_run_delivers_its_models_to_every_virtual_node_which_measures_them_there(superlink, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from safetensors.torch import load_file
+
+    from common.config import RunConfig
+    from common.data import server_sets
+    from common.model_package import verify
+    from common.models import build_student
+    from tests.conftest import default_run_config
+
+    out = tmp_path / "out"
+    run_id, status, lines = simulate(superlink, f'num-server-rounds=2 deliver="both" out-dir="{out}"')
+    assert status == "finished:completed"
+    run_dir = out / str(run_id)
+    rows = json.loads((run_dir / "devices.json").read_text())
+    assert sorted(row["partition"] for row in rows) == [0, 1, 2]
+    _, test_set = server_sets(RunConfig.from_mapping(default_run_config()))
+    student = build_student(test_set.input_shape, test_set.num_classes)
+    student.load_state_dict(load_file(run_dir / "student.safetensors"))
+    expected = student.eval()(test_set.images[:32]).detach().numpy()
+    for row in rows:
+        assert row["status"] == "installed", row["error"]
+        folder = run_dir.resolve() / "devices" / f"partition-{row['partition']}" / "current"
+        manifest = verify(folder)  # every file there, with the SHA-256 the server computed
+        assert manifest["run-id"] == run_id and manifest["round"] == 2
+        assert set(manifest["models"]) == set(row["models"]) == {"student", "student-int8", "global"}
+        for figures in row["models"].values():
+            assert figures["runtime"] == "onnxruntime" and 0 <= figures["accuracy"] <= 1
+            assert 0 < figures["latency-ms-b1"] < 1e3 and 0 < figures["latency-ms-b32"] < 1e3
+        session = ort.InferenceSession(str(folder / "student.onnx"), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {session.get_inputs()[0].name: test_set.images[:32].numpy()})[0]
+        assert np.allclose(logits, expected, atol=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["devices"] == str(run_dir / "devices.json") and summary["delivered-to"] == 3
+    assert summary["student-int8"]["size-vs-fp32"] <= 0.35
+    assert any("models installed on 3 of 3 node(s)" in line for line in lines)

@@ -75,3 +75,26 @@ echo "$ready warm executors; $warm_tasks train tasks of run $run_id on them (exp
 [ "$warm_tasks" -eq $((CLIENTS * ROUNDS)) ] || fail "$warm_tasks warm train tasks, expected $((CLIENTS * ROUNDS))"
 ! grep -q "NOT from the warm parent" <<<"$client_logs" || fail "a task did not run on the warm parent"
 ! grep -q "run $run_id .*NO REPLY" <<<"$client_logs" || fail "a task of run $run_id ended without pushing its reply"
+
+step "delivered models: every client holds the student, matching its manifest, loadable by onnxruntime alone"
+# Checked with hashlib, json and onnxruntime only: the files must not need this project's code.
+for i in $(seq 1 "$CLIENTS"); do
+    compose exec -T --index "$i" client python -c '
+import hashlib, json, pathlib, sys
+import numpy as np, onnxruntime as ort
+folder = next(pathlib.Path("/srv/flwr/models").glob("replica-*/current"))
+manifest = json.loads((folder / "manifest.json").read_text())
+for name, meta in manifest["files"].items():
+    data = (folder / name).read_bytes()
+    assert len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"], name
+for name in ("student.onnx", "student.int8.onnx"):
+    session = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: np.zeros((2, *manifest["input-shape"]), np.float32)})[0]
+    assert logits.shape == (2, len(manifest["class-names"])), logits.shape
+print(folder, sorted(manifest["files"]), "match the manifest of run", manifest["run-id"], "round", manifest["round"])
+' || fail "client replica $i holds no complete, loadable student"
+done
+installed=$(docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint python "$SUPERLINK_IMAGE" -c \
+    "import json; print(sum(r['status'] == 'installed' for r in json.load(open('/outputs/$run_id/devices.json'))))")
+echo "devices.json: installed on $installed of $CLIENTS nodes"
+[ "$installed" -eq "$CLIENTS" ] || fail "devices.json lists $installed installed nodes, expected $CLIENTS"
