@@ -48,8 +48,8 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-def run(home: Path, out: Path, clients: int, rounds: int, executor: str | None) -> tuple[list[dict], list[tuple]]:
-    """One run; returns its metrics lines (round 0 included) and each SuperNode's memory."""
+def run(home: Path, out: Path, clients: int, rounds: int, executor: str | None) -> tuple[list[dict], list[tuple], dict]:
+    """One run; returns its metrics lines (round 0 included), each SuperNode's memory and its summary.json."""
     launch.write_connection(home, "overhead", PORTS.address)
     processes = [launch.start_superlink(home, PORTS, simulation=executor is None)]
     memory = []
@@ -65,14 +65,15 @@ def run(home: Path, out: Path, clients: int, rounds: int, executor: str | None) 
         launch.stop(processes)
     if status != "finished:completed":
         raise RuntimeError(f"run {run_id} ended {status}; see {home}")
-    return [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").open()], memory
+    rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").open()]
+    return rows, memory, json.loads((out / str(run_id) / "summary.json").read_text())
 
 
 def client_compute(row: dict) -> float:
     return max(c.get("eval-seconds", 0.0) + c["train-seconds"] for c in row["clients"])
 
 
-def report(name: str, rows: list[dict], memory: list[tuple]) -> dict:
+def report(name: str, rows: list[dict], memory: list[tuple], run_summary: dict) -> dict:
     print(f"\n{name}: seconds per round")
     print(f"{'round':>5} {'wall':>7} {'client':>7} {'distill':>7} {'eval':>6} {'overhead':>8}")
     overheads, walls = [], []
@@ -85,6 +86,10 @@ def report(name: str, rows: list[dict], memory: list[tuple]) -> dict:
                "accuracy": rows[-1]["teacher"]["accuracy"]}
     print(f"median wall {summary['wall']:.2f} s, median fixed overhead {summary['overhead']:.2f} s, "
           f"final teacher accuracy {summary['accuracy']:.4f}")
+    if "delivery-seconds" in run_summary:  # the models to every node, once, after the last round
+        summary["delivery"] = run_summary["delivery-seconds"]
+        print(f"delivery of the student to {run_summary['nodes']} node(s) after the last round: "
+              f"{summary['delivery']:.2f} s (installed on {run_summary['delivered-to']})")
     for i, (rss, pss) in enumerate(memory):
         print(f"SuperNode {i} with its executor, idle: RSS {rss:.0f} MB, PSS {pss:.0f} MB")
     return summary
@@ -101,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, executor) in enumerate(MODES):
             folder = Path(tmp) / str(i)
-            rows, memory = run(folder / "flwr-home", folder / "out", args.clients, args.rounds, executor)
-            summaries[name] = report(name, rows, memory)
+            summaries[name] = report(name, *run(folder / "flwr-home", folder / "out", args.clients, args.rounds,
+                                                executor))
     warm, stock = summaries["deployment, warm executor"], summaries["deployment, subprocess isolation"]
     print(f"\nwarm / subprocess round wall (medians): {warm['wall']:.2f} / {stock['wall']:.2f} = {warm['wall'] / stock['wall']:.2f}")
     return 0

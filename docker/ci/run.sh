@@ -82,7 +82,7 @@ for i in $(seq 1 "$CLIENTS"); do
     compose exec -T --index "$i" client python -c '
 import hashlib, json, pathlib, sys
 import numpy as np, onnxruntime as ort
-folder = next(pathlib.Path("/srv/flwr/models").glob("replica-*/current"))
+folder = pathlib.Path("/srv/flwr/models") / f"replica-{sys.argv[1]}" / "current"
 manifest = json.loads((folder / "manifest.json").read_text())
 for name, meta in manifest["files"].items():
     data = (folder / name).read_bytes()
@@ -92,7 +92,7 @@ for name in ("student.onnx", "student.int8.onnx"):
     logits = session.run(None, {session.get_inputs()[0].name: np.zeros((2, *manifest["input-shape"]), np.float32)})[0]
     assert logits.shape == (2, len(manifest["class-names"])), logits.shape
 print(folder, sorted(manifest["files"]), "match the manifest of run", manifest["run-id"], "round", manifest["round"])
-' || fail "client replica $i holds no complete, loadable student"
+' "$i" || fail "client replica $i holds no complete, loadable student"
 done
 installed=$(docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint python "$SUPERLINK_IMAGE" -c \
     "import json; print(sum(r['status'] == 'installed' for r in json.load(open('/outputs/$run_id/devices.json'))))")
