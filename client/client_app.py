@@ -106,7 +106,8 @@ def receive_models(msg: Message, context: Context) -> Message:
         return (client_set(config, partition, partitions),
                 f"partition {partition} of {partitions} (the global model trained on it)")
 
-    return deliver(msg, node_config, data_of)
+    partition = -1 if node_config.get("data-dir") else partition_of(node_config, message_config)[0]
+    return deliver(msg, node_config, data_of, partition)
 
 
 @app.evaluate()

@@ -54,14 +54,18 @@ def measure(folder: Path, manifest: dict, data: Dataset) -> tuple[dict[str, floa
     return metrics, runtimes
 
 
-def deliver(msg: Message, node_config: dict, data_of) -> Message:
+def deliver(msg: Message, node_config: dict, data_of, partition: int) -> Message:
     """Install and measure; ``data_of()`` loads this node's data (called only once the install succeeded).
+
+    ``partition`` is the one this node trains on (its own ``partition-id`` wins over the server's hand-out;
+    -1 with a ``data-dir``): the reply names it, so the server's device table shows the node's real data.
 
     Any failure is a reply with ``status`` 'failed' and the cause, never an exception: the server lists it.
     """
     message_config = dict(msg.content["config"])
     folder = model_dir(node_config, message_config)
-    result = {"model-dir": str(folder), "device": device_name(), "status": "failed", "error": ""}
+    result = {"model-dir": str(folder), "device": device_name(), "status": "failed", "error": "",
+              "partition": partition}
     metrics: dict[str, float] = {}
     try:
         manifest = json.loads(str(msg.content["manifest"]["json"]))

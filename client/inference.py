@@ -67,7 +67,7 @@ def runner(folder: Path, name: str, files: dict[str, str], threads: int = 1) -> 
     raise NoRuntimeError(f"model {name!r} has only {sorted(files.values())}: install onnxruntime to run it")
 
 
-def latency_ms(model: Runner, input_shape: tuple[int, ...], batch: int, seconds: float = 0.25) -> float:
+def latency_ms(model: Runner, input_shape: tuple[int, ...], batch: int, seconds: float = 0.1) -> float:
     """Median milliseconds per sample at ``batch``, over about ``seconds`` of calls after a warm-up."""
     x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
     for _ in range(5):

@@ -13,6 +13,8 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
   executor dies, it is started again. ``--executor subprocess`` keeps Flower's
   default (a fresh ``flwr-clientapp`` process per message; its SuperExec polls
   every 0.2 s).
+- ``--node-config`` is checked before anything starts (``common.config.check_node_config``):
+  an unknown key or a bad value (``model-dir`` that is a file, ``device="gpu"``) stops it with the reason.
 - Short polls: flwr 1.39 hard-codes ``time.sleep(3)`` between the SuperNode's
   pulls when it has no work, and ``time.sleep(0.5)`` while it waits for a
   ClientApp's reply or object (``flwr/supernode/start_client_internal.py``).
@@ -35,11 +37,14 @@ import threading
 import time
 from logging import WARNING
 
+import click
 import flwr.supernode.start_client_internal as supernode_loop
+from flwr.common.config import parse_config_args
 from flwr.supercore import log
 from flwr.supernode.cli import flower_supernode
 
 from client.executor import OBJECT_PULL_RETRY
+from common.config import ConfigError, check_node_config
 
 FLOWER_RUNTIME_PORT = 9094  # flower-supernode's default --port
 
@@ -124,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--idle-poll = {ours.idle_poll} is not allowed; use 0.01 to 3 seconds (3 = Flower's own)")
     if not 0.01 <= ours.task_poll <= 60:
         parser.error(f"--task-poll = {ours.task_poll} is not allowed; use 0.01 to 60 seconds")
+    node_config = _option(flower_args, "--node-config")
+    if node_config is not None:  # refused here, at start, not at the first message
+        try:
+            check_node_config(parse_config_args([node_config]))
+        except (ConfigError, ValueError, click.ClickException) as err:
+            parser.error(f"--node-config {node_config!r}: {getattr(err, 'message', err)}")
     isolation = _option(flower_args, "--isolation")
     if ours.executor == "warm":
         if isolation not in (None, "process"):

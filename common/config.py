@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
@@ -100,11 +101,27 @@ NODE_CONFIG_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
+def _folder(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != "" and not Path(value).expanduser().is_file()
+
+
+# What each node-config key allows (checked where the app runs: the ClientApp, and
+# fl-distill-supernode before it starts).
+_NODE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "partition-id": ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0), "an integer >= 0"),
+    "num-partitions": ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1), "an integer >= 1"),
+    "data-dir": (_folder, "a quoted folder path, e.g. data-dir=\"/srv/images\""),
+    "device": ((lambda v: v in DEVICES), "one of " + ", ".join(repr(d) for d in DEVICES)),
+    "model-dir": (_folder, "a quoted folder path that is not a file, e.g. model-dir=\"models\""),
+}
+
+
 def check_node_config(node_config: Mapping[str, Any]) -> None:
-    """Refuse a node-config key no part of the app reads (a typo would otherwise be a silent default).
+    """Refuse a node-config key no part of the app reads (a typo would otherwise be a silent default),
+    and a value its key does not allow.
 
     Raises:
-        ConfigError: naming the unknown key(s) and the known ones.
+        ConfigError: naming the unknown key(s) and the known ones, or the key, its value and what is allowed.
     """
     unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
     if unknown:
@@ -112,6 +129,19 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
             f"node config has unknown key(s) {', '.join(map(repr, unknown))}; "
             f"known keys: {', '.join(NODE_CONFIG_KEYS)}"
         )
+    for key, value in node_config.items():
+        ok, allowed = _NODE_CHECKS[key]
+        if not ok(value):
+            raise ConfigError(f"node config '{key}' = {value!r} is not allowed; use {allowed}")
+    if {"partition-id", "num-partitions"} <= set(node_config) and \
+            node_config["partition-id"] >= node_config["num-partitions"]:
+        raise ConfigError(f"node config partition-id = {node_config['partition-id']} must be below "
+                          f"num-partitions = {node_config['num-partitions']}")
+    if ("partition-id" in node_config) != ("num-partitions" in node_config):
+        given, missing = ("partition-id", "num-partitions") if "partition-id" in node_config else \
+            ("num-partitions", "partition-id")
+        raise ConfigError(f"node config has {given} but not {missing}; give both, or neither "
+                          "(then the server hands out partitions)")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -82,10 +82,20 @@ def install(model_dir: Path, files: Mapping[str, bytes], manifest: Mapping) -> P
         cause = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise ModelPackageError(f"cannot install into {model_dir}: {cause}; the installed model is unchanged") from None
     current, previous = model_dir / CURRENT, model_dir / PREVIOUS
-    shutil.rmtree(previous, ignore_errors=True)
-    if current.exists():
-        current.rename(previous)
-    incoming.rename(current)
+    try:
+        if previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous)
+        elif previous.exists() or previous.is_symlink():
+            previous.unlink()
+        if current.exists():
+            current.rename(previous)
+        incoming.rename(current)
+    except OSError as err:
+        shutil.rmtree(incoming, ignore_errors=True)
+        if previous.is_dir() and not current.exists():  # the old version was moved aside: put it back
+            previous.rename(current)
+        raise ModelPackageError(f"cannot install into {model_dir}: moving {err.filename} aside failed: "
+                                f"{err.strerror or err}") from None
     return current
 
 

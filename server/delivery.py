@@ -99,8 +99,8 @@ def deliver(grid: Grid, placements: dict[int, tuple[int, int]], blobs: dict[str,
     replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout)}
     log(INFO, "fl-distill: delivered %d file(s) to %d node(s) in %.1f s", len(blobs), len(messages),
         time.perf_counter() - started)
-    rows = [device_row(node, placements[node], replies.get(node), list(manifest["models"]))
-            for node in sorted(placements, key=lambda node: (placements[node], node))]
+    rows = sorted((device_row(node, placements[node], replies.get(node), list(manifest["models"]))
+                   for node in placements), key=lambda row: (row["partition"], row["node-id"]))
     for row in rows:
         if row["status"] != "installed":
             log(WARNING, "fl-distill: node %d has no new model: %s: %s", row["node-id"], row["status"], row["error"])
@@ -108,7 +108,11 @@ def deliver(grid: Grid, placements: dict[int, tuple[int, int]], blobs: dict[str,
 
 
 def device_row(node: int, placement: tuple[int, int], reply: Message | None, models: list[str]) -> dict:
-    """What one node answered, flattened for devices.json."""
+    """What one node answered, flattened for devices.json.
+
+    ``partition`` is the node's own answer when it replied (its ``partition-id`` wins over the server's
+    hand-out ``placement``; -1: it trains on a ``data-dir``), else the placement.
+    """
     row = {"node-id": node, "partition": placement[0], "status": "no answer", "error": "", "models": {}}
     if reply is None:
         row["error"] = "no reply within round-timeout"
@@ -133,7 +137,8 @@ def device_table(rows: list[dict]) -> str:
               f"{'local acc':>9} {'KB':>7}  status")
     lines = [header, "-" * len(header)]
     for row in rows:
-        data = f"partition {row['partition']}" if "data-dir" not in row.get("data", "") else "data-dir"
+        own_folder = row["partition"] < 0 or "data-dir" in row.get("data", "")
+        data = "data-dir" if own_folder else f"partition {row['partition']}"
         if not row["models"] or row["status"] != "installed":
             lines.append(f"{row['node-id']:>20} {data:<14} {'-':<12} {'-':<11} {'-':>7} {'-':>7} {'-':>9} {'-':>7}  "
                          f"{row['status']}: {row['error']}")

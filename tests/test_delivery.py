@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,23 @@ def test_a_model_dir_that_cannot_be_created_is_named_with_the_cause(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ModelPackageError, match="cannot write the model folder .*a-file/models: Not a directory"):
         install(tmp_path / "a-file" / "models", *package("one"))
+
+
+def test_a_swap_that_fails_puts_the_installed_model_back(tmp_path, monkeypatch):
+    install(tmp_path, *package("one"))
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".incoming-"):
+            raise OSError(5, "Input/output error", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(ModelPackageError, match=f"cannot install into {tmp_path}: .*Input/output error"):
+        install(tmp_path, *package("two"))
+    monkeypatch.undo()
+    assert verify(tmp_path / CURRENT)["version"] == "one"
+    assert [p.name for p in tmp_path.iterdir()] == [CURRENT]
 
 
 @pytest.mark.parametrize("damage", ["one byte changed", "truncated", "removed"])
@@ -192,6 +210,39 @@ def test_predict_names_a_model_that_is_not_installed(digits, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict(["--model-dir", str(tmp_path / "models"), "--model", "global", str(tmp_path)])
     assert "'global' is not installed" in capsys.readouterr().err and MANIFEST
+
+
+def test_without_onnxruntime_a_node_serves_torchscript_and_says_why_the_int8_student_did_not_run(
+        digits, tmp_path, monkeypatch, capsys):
+    import client.inference
+
+    raw, _, _, test_set, student, _ = digits
+    msg, _ = deliver_message(digits, tmp_path / "server", names=("student",))
+    monkeypatch.setattr(client.inference, "onnxruntime_available", lambda: False)
+    reply = receive_models(msg, node(raw, {"model-dir": str(tmp_path / "models")}))
+    result, metrics = dict(reply.content["result"]), dict(reply.content["metrics"])
+    runtimes = json.loads(result["runtimes"])
+    assert result["status"] == "installed" and runtimes["student"] == "torchscript"
+    assert runtimes["student-int8"].startswith("not run: ") and "install onnxruntime" in runtimes["student-int8"]
+    assert 0 <= metrics["student-accuracy"] <= 1 and "student-int8-accuracy" not in metrics
+    module = torch.jit.load(str(tmp_path / "models" / CURRENT / "student.pt"))
+    images = test_set.images[:32]
+    with torch.no_grad():
+        assert torch.allclose(module(images), student(images), atol=1e-5)
+    write_images(tmp_path / "images")
+    assert predict(["--model-dir", str(tmp_path / "models"), "--json", str(tmp_path / "images" / "0.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["runtime"] == "torchscript"
+    with pytest.raises(SystemExit):
+        predict(["--model-dir", str(tmp_path / "models"), "--model", "student-int8", str(tmp_path / "images")])
+    assert "install onnxruntime to run it" in capsys.readouterr().err
+
+
+def test_a_bad_model_dir_is_refused_naming_the_value(digits, tmp_path):
+    msg, _ = deliver_message(digits, tmp_path / "server", names=("student",))
+    (tmp_path / "a-file").write_text("")
+    for value in ("", str(tmp_path / "a-file"), 3):
+        with pytest.raises(ConfigError, match=f"node config 'model-dir' = {value!r} is not allowed"):
+            receive_models(msg, node(digits[0], {"model-dir": value}))
 
 
 def test_deliver_auto_is_the_student_when_one_trains_else_the_global_model(config):

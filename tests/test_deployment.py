@@ -127,6 +127,46 @@ def test_the_student_is_installed_on_every_supernode_and_predicts_there(federati
     assert "cut.png" in done.stderr
 
 
+@contextlib.contextmanager
+def read_only(folder):
+    """No process may write in ``folder`` inside the block: its mode for a user, the immutable flag for root
+    (who ignores modes). Skips where neither works (root without CAP_LINUX_IMMUTABLE)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("running as root without chattr +i: no way here to make a folder read-only to a SuperNode")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_node_that_cannot_write_its_model_dir_is_listed_with_the_cause_and_keeps_its_model(federation, tmp_path):
+    """A read-only model-dir on one node: that node replies why, its installed model stays, the run completes."""
+    from common.model_package import describe_files, install, verify
+
+    home, _ = federation
+    folder = home / "models-2"
+    before = {"model.bin": b"the model this node had"}
+    install(folder, before, {"version": "before", "files": describe_files(before)})
+    out = tmp_path / "out"
+    with read_only(folder):
+        run_id = completed_run(home, f'num-server-rounds=1 min-nodes=3 out-dir="{out}"')
+    rows = {row["partition"]: row for row in json.loads((out / str(run_id) / "devices.json").read_text())}
+    assert rows[0]["status"] == rows[1]["status"] == "installed", rows
+    assert rows[2]["status"] == "failed" and f"cannot write the model folder {folder}" in rows[2]["error"]
+    assert verify(folder / "current")["version"] == "before"  # nothing half-written replaced it
+    summary = json.loads((out / str(run_id) / "summary.json").read_text())
+    assert (summary["delivered-to"], summary["nodes"]) == (2, 3)
+
+
 def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_it(federation, tmp_path):
     home, _ = federation
     out = tmp_path / "out"

@@ -40,6 +40,14 @@ def test_capped_sleep_shortens_long_sleeps_only_and_keeps_the_rest_of_time():
     (["--idle-poll", "0"], "--idle-poll = 0.0 is not allowed"),
     (["--executor", "threads"], "invalid choice: 'threads'"),
     (["--executor", "subprocess", "--isolation", "process"], "would start no executor"),
+    (["--node-config", 'model-dir=""'], "node config 'model-dir' = '' is not allowed; use a quoted folder path"),
+    (["--node-config", "model-dir=5"], "node config 'model-dir' = 5 is not allowed"),
+    (["--node-config", 'model-dir="/etc/passwd"'], "'/etc/passwd' is not allowed; use a quoted folder path that is not a file"),
+    (["--node-config", 'device="gpu"'], "node config 'device' = 'gpu' is not allowed; use one of 'auto', 'cpu', 'cuda'"),
+    (["--node-config", "partition-id=3 num-partitions=3"], "partition-id = 3 must be below num-partitions = 3"),
+    (["--node-config", "partition-id=1"], "has partition-id but not num-partitions"),
+    (["--node-config", 'model_dir="x"'], "unknown key(s) 'model_dir'; known keys: partition-id,"),
+    (["--node-config", "model-dir=models"], "The provided configuration string is in an invalid format"),
 ])
 def test_bad_launcher_options_are_refused_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
