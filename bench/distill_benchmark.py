@@ -35,10 +35,11 @@ METHODS = {  # name -> run-config overrides; every other key at its default
     "fedavgm": 'distill="off" aggregation="fedavgm"',
     "fedadam": 'distill="off" aggregation="fedadam"',
     "global-student": 'distill="global"',
-    "feddf": 'distill="ensemble" distill-target="global" proxy-labelled=true',
-    "feddf-unlabelled": 'distill="ensemble" distill-target="global"',
+    "feddf": 'distill="ensemble" distill-target="global" proxy-labelled=true fusion-check="proxy"',
+    "feddf-unlabelled": 'distill="ensemble" distill-target="global"',  # the clients check the fusion (the default)
+    "feddf-proxy-guard": 'distill="ensemble" distill-target="global" fusion-check="proxy"',
 }
-DEFAULT_METHODS = [m for m in METHODS if m != "feddf-unlabelled"]  # the grid that fits in an hour
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith("feddf-")]  # the grid that fits in an hour
 PARTITIONINGS = {
     "iid": 'partitioning="iid"',
     "dir1": 'partitioning="dirichlet" dirichlet-alpha=1.0',
@@ -79,7 +80,7 @@ def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
             part_cfg = PARTITIONINGS[part]
             for method in args.methods:
                 method_cfg = METHODS[method]
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     run_config = (f'{part_cfg} {method_cfg} seed={seed} num-server-rounds={args.rounds} '
                                   f'fraction-train={args.fraction} local-epochs={args.local_epochs} '
                                   f'distill-steps={args.distill_steps} '
@@ -158,7 +159,8 @@ def plot(results: list[dict], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's arguments; a bad value exits with one line naming it and what is allowed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds, from --first-seed on")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1, help="every client's local epochs per round")
     parser.add_argument("--distill-steps", type=int, default=50, help="distillation steps per round (global, FedDF)")
@@ -178,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("seeds", "rounds", "clients", "local_epochs", "distill_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed; use 1 or more")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed = {args.first_seed} is not allowed; use 0 or more")
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction = {args.fraction} is not allowed; use a number > 0 and <= 1")
     if not 0 < args.target_accuracy <= 1:
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, args.target_accuracy) + (
         f"\n\n{args.dataset}, {args.clients} clients, fraction-train {args.fraction}, {args.rounds} rounds, "
         f"{args.local_epochs} local epoch(s), {args.distill_steps} distillation steps per round, "
-        f"{args.seeds} seeds (0..{args.seeds - 1}); {len(results)} runs in {wall / 60:.1f} min wall")
+        f"{args.seeds} seeds ({args.first_seed}..{args.first_seed + args.seeds - 1}); {len(results)} runs in "
+        f"{wall / 60:.1f} min wall")
     print(text)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results))

@@ -32,7 +32,8 @@ def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Da
     return client_set(config, *partition_of(node_config, message_config))
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message, context: Context, record: str = "arrays"):
+    """(run config, this node's data, compute device, the model in the message's ArrayRecord ``record``)."""
     config = RunConfig.from_mapping(context.run_config)
     check_node_config(context.node_config)
     data = local_data(config, dict(context.node_config), dict(msg.content["config"]))
@@ -40,9 +41,13 @@ def _setup(msg: Message, context: Context):
         raise ConfigError(f"this client has no examples (dataset {config.dataset!r}, partitioning "
                           f"{config.partitioning!r}); lower num-partitions or give the node a data-dir")
     device = setup_compute(str(context.node_config.get("device", config.device)))
+    return config, data, device, _model(data, msg.content[record])
+
+
+def _model(data: Dataset, arrays: ArrayRecord):
     model = build_teacher(data.input_shape, data.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return config, data, device, model
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
 
 
 def shuffle_seed(config: RunConfig, msg: Message, context: Context) -> int:
@@ -112,8 +117,20 @@ def receive_models(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Loss and accuracy of the global model on this client's data."""
-    _, data, device, model = _setup(msg, context)
-    metrics = {f"local-{k}": v for k, v in evaluate(model, data, device).items()}
-    metrics["num-examples"] = len(data)
+    """Loss and accuracy on this client's data of every model in the message, and its ``num-examples``.
+
+    Flower's global model (ArrayRecord ``arrays``) gives ``local-loss`` and
+    ``local-accuracy``; any other ArrayRecord, e.g. the fusion check's ``averaged``
+    and ``fused`` (``server/fusion_check.py``), gives ``<name>-loss`` and
+    ``<name>-accuracy``. Only these numbers leave the node.
+    """
+    names = list(msg.content.array_records)
+    if not names:
+        raise ValueError("this evaluate message carries no model (no ArrayRecord) to evaluate")
+    _, data, device, model = _setup(msg, context, names[0])
+    metrics: dict = {"num-examples": len(data)}
+    for name in names:
+        model = model if name == names[0] else _model(data, msg.content[name])
+        prefix = "local" if name == "arrays" else name
+        metrics.update({f"{prefix}-{k}": v for k, v in evaluate(model, data, device).items()})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "trimmed-mean", "median")
 DP_MODES = ("off", "central", "local")
 DELIVERIES = ("auto", "student", "global", "both", "none")
+FUSION_CHECKS = ("clients", "proxy")
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,9 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "distill-alpha": (float, _range(0, 1)),
     "distill-lr": (float, _range(0, lo_open=True)),
     "distill-anchor": (float, _range(0, 1)),
+    "fusion-check": (str, _choice(FUSION_CHECKS)),
+    "fusion-check-fraction": (float, _range(0, 1, lo_open=True)),
+    "fusion-check-margin": (float, _range(0, 1)),
     "proxy-labelled": (bool, ((lambda v: True), "true or false")),
     "proxy-fraction": (float, _range(0, 0.9, lo_open=True)),
     "test-fraction": (float, _range(0, 0.9, lo_open=True)),
@@ -188,6 +192,9 @@ class RunConfig:
     distill_alpha: float
     distill_lr: float
     distill_anchor: float
+    fusion_check: str
+    fusion_check_fraction: float
+    fusion_check_margin: float
     proxy_labelled: bool
     proxy_fraction: float
     test_fraction: float

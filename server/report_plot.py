@@ -32,7 +32,10 @@ class RunSeries:
     client_seconds: list[float]
     distill_seconds: list[float]
     server_eval_seconds: list[float]
+    check_seconds: list[float]
     overhead_seconds: list[float]
+    averaged_kept: list[int]  # rounds whose fuse-back kept the averaged model (``fusion.kept``)
+    previous_kept: list[int]  # rounds that kept the model they started from
 
     @property
     def has_student(self) -> bool:
@@ -46,14 +49,19 @@ def _client_seconds(row: dict) -> float:
 
 
 def series(rows: list[dict]) -> RunSeries:
-    """The plotted series of ``metrics.jsonl`` rows (any order, any first round, gaps allowed)."""
+    """The plotted series of ``metrics.jsonl`` rows (any order, any first round, gaps allowed).
+
+    ``check_seconds`` is the fusion check's (``fusion.seconds``), carved out of the overhead.
+    """
     rows = sorted(rows, key=lambda r: r["round"])
     pick = lambda r, model, key: (r.get(model) or {}).get(key)  # noqa: E731
     timed = [r for r in rows if r["round"] >= 1]
     client = [_client_seconds(r) for r in timed]
     distill = [float((r.get("distill") or {}).get("seconds", 0.0)) for r in timed]
     server = [float(r.get("server-eval-seconds", 0.0)) for r in timed]
-    total = [float(r.get("round-seconds", c + d + s)) for r, c, d, s in zip(timed, client, distill, server)]
+    check = [float((r.get("fusion") or {}).get("seconds", 0.0)) for r in timed]
+    total = [float(r.get("round-seconds", c + d + s + f))
+             for r, c, d, s, f in zip(timed, client, distill, server, check)]
     return RunSeries(
         rounds=[r["round"] for r in rows],
         teacher_accuracy=[pick(r, "teacher", "accuracy") for r in rows],
@@ -64,7 +72,10 @@ def series(rows: list[dict]) -> RunSeries:
         client_seconds=client,
         distill_seconds=distill,
         server_eval_seconds=server,
-        overhead_seconds=[max(0.0, t - c - d - s) for t, c, d, s in zip(total, client, distill, server)],
+        check_seconds=check,
+        overhead_seconds=[max(0.0, t - c - d - s - f) for t, c, d, s, f in zip(total, client, distill, server, check)],
+        averaged_kept=[r["round"] for r in rows if (r.get("fusion") or {}).get("kept") == "averaged"],
+        previous_kept=[r["round"] for r in rows if (r.get("fusion") or {}).get("kept") == "previous"],
     )
 
 
@@ -90,7 +101,10 @@ def plot_run(rows: list[dict], title: str, path: Path) -> RunSeries:
     (>= 1) ``round-seconds`` as stacked bars: client training (max over ``clients`` of
     ``eval-seconds + train-seconds``, else the same keys of ``client-metrics``), distillation
     (``distill.seconds``), server evaluation (``server-eval-seconds``) and the overhead left
-    (clamped at 0). Missing optional keys count as absent / 0 seconds.
+    (clamped at 0); with a fusion check (``fusion.seconds``) its own bar. On the accuracy panel a cross marks
+    each round whose fuse-back kept the averaged model and a triangle one that kept the model it started from
+    (``fusion.kept``). Missing optional keys count as
+    absent / 0 seconds.
     """
     data = series(rows)
     fig = Figure(figsize=(12, 9), dpi=100, layout="constrained")
@@ -100,6 +114,12 @@ def plot_run(rows: list[dict], title: str, path: Path) -> RunSeries:
                              (fig.add_subplot(grid[0, 1]), "loss", "test cross-entropy loss")):
         _line(ax, data.rounds, getattr(data, f"teacher_{name}"), "teacher (global model)", "tab:blue")
         _line(ax, data.rounds, getattr(data, f"student_{name}"), "student (distilled)", "tab:orange")
+        by_round = dict(zip(data.rounds, data.teacher_accuracy))
+        for rounds, marker, what in ((data.averaged_kept, "x", "the averaged model"),
+                                     (data.previous_kept, "v", "the round's starting model")):
+            if name == "accuracy" and (kept := [r for r in rounds if by_round.get(r) is not None]):
+                ax.plot(kept, [by_round[r] for r in kept], marker, color="black", markersize=10, mew=2,
+                        fillstyle="none", label=f"fusion kept {what} ({len(kept)} rounds)")
         ax.set(title=f"test {name} per round", ylabel=ylabel)
         _round_axis(ax, data.rounds)
         ax.grid(alpha=0.3)
@@ -110,6 +130,7 @@ def plot_run(rows: list[dict], title: str, path: Path) -> RunSeries:
     for values, label, color in ((data.client_seconds, "client training + eval (slowest client)", "tab:green"),
                                  (data.distill_seconds, "distillation", "tab:orange"),
                                  (data.server_eval_seconds, "server evaluation + checkpoints", "tab:blue"),
+                                 (data.check_seconds, "fusion check (clients)", "tab:purple"),
                                  (data.overhead_seconds, "overhead (waiting, transfer, aggregation)", "tab:gray")):
         if not any(values):
             continue  # e.g. no distillation: no empty legend entry

@@ -21,6 +21,7 @@ from server import checkpoint
 from server.aggregation import build_aggregator
 from server.delivery import Delivery, delivered_models
 from server.distillation import ServerDistillation
+from server.fusion_check import FusionCheck
 from server.privacy import with_privacy
 from server.reply_poll import ShortPollGrid
 from server.sampling import NoNodesError
@@ -76,6 +77,8 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         max_update_norm=config.max_update_norm,
         round_offset=done,
         sampling_seed=config.seed,
+        fusion_check=FusionCheck(config.fusion_check_fraction, config.min_nodes, config.round_timeout, config.seed,
+                                 config.fusion_check_margin) if config.fusion_check == "clients" else None,
     )
     if resumed is not None:
         strategy.load_partition_state(resumed.partitions)

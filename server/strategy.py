@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Strategy
 
 from server.distillation import ServerDistillation
+from server.fusion_check import FusionCheck
 from server.sampling import pinned_partitions, sample, wait_for_nodes
 from server.validation import clip_update, screen_replies
 
@@ -75,6 +76,8 @@ class DistillStrategy(Strategy):
         max_update_norm: L2 bound on each client update (model − global model); 0 = no clipping.
         round_offset: rounds already done by the run this one resumes; Flower's round r is round r + offset.
         sampling_seed: seeds ``rng``, this run's generator for sampling nodes (its state is checkpointed).
+        fusion_check: the clients' check of a fuse-back (``fusion-check = 'clients'``), or None: the
+            Distiller's proxy criterion alone decides.
 
     Each node is told which partition of the pool is its own: a node whose config
     pins a ``partition-id`` keeps it, the others (docker-compose replicas), sorted
@@ -88,7 +91,8 @@ class DistillStrategy(Strategy):
     def __init__(self, aggregator: FedAvg, distillation: ServerDistillation | None = None, *,
                  fraction_train: float = 1.0, fraction_evaluate: float = 0.0, min_nodes: int = 1,
                  num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
-                 max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None):
+                 max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None,
+                 fusion_check: FusionCheck | None = None):
         super().__init__()
         self.aggregator = aggregator
         self.distillation = distillation
@@ -101,7 +105,9 @@ class DistillStrategy(Strategy):
         self.rng = random.Random(sampling_seed)
         self.partition_of: dict[int, int] = {}
         self.round_stats: dict[int, dict] = {}
+        self.fusion_check = fusion_check
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
+        self._grid: Grid | None = None  # this round's, for the fusion check's messages
         self._round_started = self._node_wait = 0.0
 
     def partition_state(self) -> dict:
@@ -131,7 +137,7 @@ class DistillStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
-        self.global_arrays = arrays
+        self.global_arrays, self._grid = arrays, grid
         if self.fraction_train == 0.0:
             return []
         return self._instructions(server_round, arrays, config, grid, self.aggregator.configure_train,
@@ -240,9 +246,28 @@ class DistillStrategy(Strategy):
             "aggregated": arrays is not None,
         }
         if arrays is not None and self.distillation is not None:
+            averaged = arrays
             arrays, stats["distill"] = self.distillation.run(arrays, client_arrays)
+            if self.distillation.fuses_back:
+                arrays, stats["fusion"] = self._keep(true_round, averaged, arrays, stats["distill"]["global"], clients)
         self.round_stats[true_round] = stats
         return arrays, metrics
 
+    def _keep(self, true_round: int, averaged: ArrayRecord, fused: ArrayRecord, distilled: dict,
+              clients: list[dict]) -> tuple[ArrayRecord, dict]:
+        """The next global model and the verdict that chose it (``server/fusion_check.py``).
+
+        Without a fusion check the Distiller's proxy criterion decides (kept step 0: the averaged model).
+        With one, this round's clients (``clients``: their train reply metrics) score the averaged model, the
+        fused one unless the Distiller kept step 0, and the model the round started from.
+        """
+        proxy_choice = "averaged" if distilled.get("kept-step") == 0 else "fused"
+        if self.fusion_check is None or self._grid is None:
+            return (averaged if proxy_choice == "averaged" else fused), {"kept": proxy_choice, "by": "proxy"}
+        received = {c["node-id"]: c for c in clients}
+        placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
+        candidates = {"averaged": averaged} if proxy_choice == "averaged" else {"averaged": averaged, "fused": fused}
+        verdict = self.fusion_check.run(self._grid, placements, true_round, candidates, proxy_choice, received)
+        return {"averaged": averaged, "fused": fused, "previous": self.global_arrays}[verdict["kept"]], verdict
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.aggregator.aggregate_evaluate(server_round, replies)

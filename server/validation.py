@@ -1,4 +1,4 @@
-"""Client updates checked against the global model before aggregation.
+"""Client replies checked before the server uses them: train updates against the global model, fusion-check scores.
 
 The first layer a round's replies go through (``../shared/notes/strategy-layers.md``):
 Flower's FedAvg checks only that replies agree on array *names*, and a reply that
@@ -54,11 +54,48 @@ def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "nu
         values = got.numpy()
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             return f"array {name!r} has {int((~np.isfinite(values)).sum())} non-finite values (NaN or Inf)"
-    weight = record.get(weight_key)
-    if isinstance(weight, float) and math.isfinite(weight) and weight.is_integer():
-        weight = int(weight)
-    if not isinstance(weight, int) or weight <= 0:
+    if _whole_positive(weight := record.get(weight_key)) is None:
         return f"{weight_key!r} = {weight!r} is not allowed; it must be a whole number > 0"
+    return None
+
+
+def _whole_positive(value) -> int | None:
+    """``value`` as an int when it is a whole number > 0 (an int, or a float such as 12.0), else None."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def score_problem(record, name: str) -> str | None:
+    """Why ``record``'s ``<name>-accuracy`` / ``<name>-loss`` cannot count, or None if they can.
+
+    The accuracy must be a number in [0, 1]; the loss a number >= 0, infinity allowed (the cross-entropy
+    of a model that diverged), NaN not.
+    """
+    accuracy, loss = record.get(f"{name}-accuracy"), record.get(f"{name}-loss")
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0.0 <= accuracy <= 1.0:
+        return f"'{name}-accuracy' = {accuracy!r} is not allowed; it must be a number in [0, 1]"
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not loss >= 0:
+        return f"'{name}-loss' = {loss!r} is not allowed; it must be a number >= 0"
+    return None
+
+
+def evaluation_problem(reply: Message, candidates: Iterable[str]) -> str | None:
+    """Why an evaluate reply (without error) to the fusion check cannot count, or None if it can.
+
+    Checks: exactly one MetricRecord, ``num-examples`` a whole number > 0, and for
+    every name in ``candidates`` a valid ``<name>-accuracy`` and ``<name>-loss``
+    (:func:`score_problem`; ``client/client_app.py`` ``evaluate_local``).
+    """
+    metrics = list(reply.content.metric_records.values())
+    if len(metrics) != 1:
+        return f"expected one MetricRecord, got {len(metrics)}"
+    record = metrics[0]
+    if _whole_positive(record.get("num-examples")) is None:
+        return f"'num-examples' = {record.get('num-examples')!r} is not allowed; it must be a whole number > 0"
+    for name in candidates:
+        if problem := score_problem(record, name):
+            return problem
     return None
 
 

@@ -19,6 +19,8 @@ def reply(value: float, node_id: int, num_examples: int = 10) -> Message:
 class RecordingDistillation:
     """Stands in for ServerDistillation: records what it is given, returns the aggregate unchanged."""
 
+    fuses_back = False
+
     def __init__(self):
         self.calls = []
 
@@ -216,8 +218,11 @@ def test_fedavgm_with_momentum_0_is_fedavg_over_two_rounds(config):
 class ShiftingDistillation:
     """Stands in for distill-target 'global': the model that goes out differs from the aggregate."""
 
+    fuses_back = True
+
     def run(self, global_arrays, client_arrays):
-        return arrays_of({k: a.numpy() + np.float32(0.5) for k, a in global_arrays.items()}), {"seconds": 0.0}
+        shifted = arrays_of({k: a.numpy() + np.float32(0.5) for k, a in global_arrays.items()})
+        return shifted, {"seconds": 0.0, "global": {"kept-step": 150}}
 
 
 def next_round_clients(sent, delta_seed):

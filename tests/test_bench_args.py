@@ -13,6 +13,7 @@ from bench.distill_benchmark import DEFAULT_METHODS, PARTITIONINGS, parse_args
     (["--methods", "fedavg,bogus"], "--methods: 'bogus' not known; use a subset of fedavg,"),
     (["--methods", ","], "--methods: '', '' not known"),
     (["--methods", "fedavg,feddf,fedavg"], "--methods: fedavg given more than once"),
+    (["--first-seed", "-1"], "--first-seed = -1 is not allowed; use 0 or more"),
     (["--partitionings", "IID"], "--partitionings: 'IID' not known; use a subset of iid, dir1, dir0.1"),
 ])
 def test_a_bad_argument_stops_with_one_line_naming_it(capsys, argv, message):
@@ -27,3 +28,7 @@ def test_the_defaults_are_the_whole_grid_written_where_readme_reads_it(tmp_path)
     assert args.methods == DEFAULT_METHODS and args.partitionings == list(PARTITIONINGS)
     assert args.out.parts[-3:] == ("bench", "results", "mnist-5k")
     assert parse_args(["--out", str(tmp_path / "slice")]).out == tmp_path / "slice"
+
+
+def test_the_default_grid_leaves_out_the_unlabelled_feddf_variants():
+    assert "feddf" in DEFAULT_METHODS and not [m for m in DEFAULT_METHODS if m.startswith("feddf-")]

@@ -149,11 +149,31 @@ def test_a_plot_that_fails_costs_only_the_picture(finished_report, caplog, monke
     assert any("report.png" in r.getMessage() and "no fonts" in r.getMessage() for r in warnings)
 
 
-def test_the_round_line_says_whether_fusion_kept_the_averaged_model(config, tmp_path):
+def test_the_round_line_says_which_model_fusion_kept_and_who_decided(config, tmp_path):
     report = RunReport(config, tmp_path / "run", test_set=None, device=torch.device("cpu"))
-    row = {"round": 2, "teacher": {"accuracy": 0.5}, "distill": {"seconds": 1.0, "global": {"kept-step": 0}}}
+    row = {"round": 2, "teacher": {"accuracy": 0.5}, "distill": {"seconds": 1.0, "global": {"kept-step": 0}},
+           "fusion": {"kept": "averaged", "by": "proxy"}}
     assert "(averaged model kept)" in report.progress_line(row)
-    row["distill"]["global"]["kept-step"] = 40
+    row["distill"]["global"]["kept-step"], row["fusion"]["kept"] = 40, "fused"
     assert "(fused, step 40 kept)" in report.progress_line(row)
-    del row["distill"]["global"]
+    row["fusion"] = {"kept": "averaged", "by": "clients", "accuracy": {"averaged": 0.9, "fused": 0.8},
+                     "answered": 9, "asked": 10}
+    assert "(averaged kept: clients' acc 0.900 vs fused 0.800, 9/10 nodes)" in report.progress_line(row)
+    row["fusion"] = {"kept": "averaged", "by": "clients", "accuracy": {"averaged": 0.5}, "answered": 1, "asked": 1}
+    assert "(averaged kept: clients' acc 0.500, 1/1 nodes)" in report.progress_line(row)
+    row["fusion"] = {"kept": "fused", "by": "proxy", "asked": 10, "answered": 0, "accuracy": {}}
+    assert "no valid check reply from 10 nodes: the proxy criterion kept the fused model" in report.progress_line(row)
+    del row["fusion"]
     assert "kept" not in report.progress_line(row)
+
+
+def test_rounds_whose_fusion_kept_the_averaged_model_are_marked_and_the_check_is_timed_apart(tmp_path):
+    rows = metrics_rows(3)
+    rows[1]["fusion"] = {"kept": "averaged", "by": "clients", "seconds": 0.7}
+    rows[2]["fusion"] = {"kept": "previous", "by": "clients", "seconds": 0.5}
+    data = plot_run(rows, "fusion", tmp_path / "report.png")
+    assert data.averaged_kept == [1] and data.previous_kept == [2] and data.check_seconds == [0.7, 0.5]
+    plain = series(metrics_rows(3))
+    assert plain.averaged_kept == [] and plain.check_seconds == [0.0, 0.0]
+    assert data.overhead_seconds == pytest.approx([o - c for o, c in zip(plain.overhead_seconds, (0.7, 0.5))])
+    assert png_size((tmp_path / "report.png").read_bytes()) == (1200, 900)

@@ -158,10 +158,11 @@ def test_every_aggregation_with_every_distillation_mode_completes_two_rounds(sup
     assert ("student" in rows[-1]) == (distill != "off")
 
 
-# FedDF under strong skew, as a new user first tried it (issue 10): digits, Dirichlet
-# alpha = 0.1, 10 clients, 8 rounds, seed 2, defaults otherwise. Averaged logits let a
-# one-class client decide every soft target and the fused model fell to 0.10-0.75.
-SKEWED = 'seed=2 partitioning="dirichlet" dirichlet-alpha=0.1'
+# FedDF under strong skew, as a new user tried it (issues 10 and 19): digits, Dirichlet
+# alpha = 0.1, 10 clients, 8 rounds, seed 5, defaults otherwise. With the label-free proxy
+# criterion alone FedDF led FedAvg by 10-29 points for six rounds, then fell to 0.788
+# against FedAvg's 0.827; the clients' fusion check (the default) keeps it from that fall.
+SKEWED = 'seed=5 partitioning="dirichlet" dirichlet-alpha=0.1'
 SKEWED_RUNS = {"fedavg": 'distill="off"', "global": 'distill="global"',
                "feddf": 'distill="ensemble" distill-target="global"'}
 
@@ -183,12 +184,28 @@ def teacher_accuracy(rows: list[dict]) -> list[float]:
     return [r["teacher"]["accuracy"] for r in rows]
 
 
-def test_feddf_under_strong_skew_ends_within_noise_of_fedavg_or_better(skewed):
+def test_feddf_without_labels_does_not_lose_to_fedavg_under_strong_skew(skewed):
     feddf, fedavg = teacher_accuracy(skewed["feddf"]), teacher_accuracy(skewed["fedavg"])
-    # Noise: FedAvg itself moves by up to ~0.03 between late rounds of this run (0.914, 0.889, 0.930).
-    assert feddf[-1] >= fedavg[-1] - 0.03, (feddf, fedavg)
-    assert min(feddf[2:]) > 0.5, feddf  # no collapse to one class in any round
-    assert sum(feddf) >= sum(fedavg), (feddf, fedavg)  # and faster on the way
+    assert feddf[-1] >= fedavg[-1] - 0.01, (feddf, fedavg)
+    for r in range(3, len(feddf)):  # no fall of more than 5 points below its best so far after round 2
+        assert feddf[r] >= max(feddf[:r]) - 0.05, (r, feddf)
+    assert sum(feddf[1:5]) > sum(fedavg[1:5]), (feddf, fedavg)  # and it keeps its early lead
+
+
+def test_every_fused_round_says_which_model_the_clients_kept_and_on_how_many_nodes(skewed):
+    margin = 0.02  # fusion-check-margin's default
+    for row in skewed["feddf"][1:]:
+        fusion, accuracy = row["fusion"], row["fusion"]["accuracy"]
+        assert fusion["by"] == "clients" and fusion["asked"] == fusion["answered"] == 10, fusion
+        fused = row["distill"]["global"]["kept-step"] > 0  # else only the averaged model was sent
+        assert set(accuracy) == {"averaged", "previous"} | ({"fused"} if fused else set())
+        new = max((name for name in accuracy if name != "previous"), key=lambda n: (accuracy[n], n == "averaged"))
+        if fusion["kept"] == "previous":
+            assert accuracy["previous"] > accuracy[new] + margin - 1e-9, fusion
+        else:
+            assert fusion["kept"] == new and accuracy["previous"] <= accuracy[new] + margin + 1e-9, fusion
+        assert fusion["examples"] > 0 and fusion["bytes-sent"] > 0
+    assert "fusion" not in skewed["global"][-1]  # a student-only run fuses nothing
 
 
 def test_distilling_into_the_student_leaves_the_global_models_path_exactly_as_fedavgs(skewed):
