@@ -32,8 +32,8 @@ def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Da
     return client_set(config, *partition_of(node_config, message_config))
 
 
-def _setup(msg: Message, context: Context, record: str = "arrays"):
-    """(run config, this node's data, compute device, the model in the message's ArrayRecord ``record``)."""
+def _setup(msg: Message, context: Context):
+    """(run config, this node's data, compute device) for a train or evaluate message."""
     config = RunConfig.from_mapping(context.run_config)
     check_node_config(context.node_config)
     data = local_data(config, dict(context.node_config), dict(msg.content["config"]))
@@ -41,7 +41,7 @@ def _setup(msg: Message, context: Context, record: str = "arrays"):
         raise ConfigError(f"this client has no examples (dataset {config.dataset!r}, partitioning "
                           f"{config.partitioning!r}); lower num-partitions or give the node a data-dir")
     device = setup_compute(str(context.node_config.get("device", config.device)))
-    return config, data, device, _model(data, msg.content[record])
+    return config, data, device
 
 
 def _model(data: Dataset, arrays: ArrayRecord):
@@ -68,7 +68,8 @@ def train(msg: Message, context: Context) -> Message:
     With aggregation = 'fedprox' the config record carries ``proximal-mu``, the
     weight of local training's proximal term (absent: 0, plain SGD).
     """
-    config, data, device, model = _setup(msg, context)
+    config, data, device = _setup(msg, context)
+    model = _model(data, msg.content["arrays"])
     started = time.perf_counter()
     metrics = {f"eval-{k}": v for k, v in evaluate(model, data, device).items()}
     evaluated = time.perf_counter()
@@ -127,10 +128,10 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     names = list(msg.content.array_records)
     if not names:
         raise ValueError("this evaluate message carries no model (no ArrayRecord) to evaluate")
-    _, data, device, model = _setup(msg, context, names[0])
+    _, data, device = _setup(msg, context)
     metrics: dict = {"num-examples": len(data)}
     for name in names:
-        model = model if name == names[0] else _model(data, msg.content[name])
         prefix = "local" if name == "arrays" else name
-        metrics.update({f"{prefix}-{k}": v for k, v in evaluate(model, data, device).items()})
+        scores = evaluate(_model(data, msg.content[name]), data, device)
+        metrics.update({f"{prefix}-{k}": v for k, v in scores.items()})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -86,6 +86,16 @@ def _line(ax, rounds: list[int], values: list[float | None], label: str, color: 
                 label=f"{label}, last {known[-1]:.4g}")
 
 
+def _fusion_markers(ax, data: RunSeries) -> None:
+    """On the teacher's accuracy line: × where fusion kept the averaged model, ▽ where the starting one."""
+    by_round = dict(zip(data.rounds, data.teacher_accuracy))
+    for rounds, marker, what in ((data.averaged_kept, "x", "the averaged model"),
+                                 (data.previous_kept, "v", "the round's starting model")):
+        if kept := [r for r in rounds if by_round.get(r) is not None]:
+            ax.plot(kept, [by_round[r] for r in kept], marker, color="black", markersize=10, mew=2,
+                    fillstyle="none", label=f"fusion kept {what} ({len(kept)} rounds)")
+
+
 def _round_axis(ax, rounds: list[int]) -> None:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -114,12 +124,8 @@ def plot_run(rows: list[dict], title: str, path: Path) -> RunSeries:
                              (fig.add_subplot(grid[0, 1]), "loss", "test cross-entropy loss")):
         _line(ax, data.rounds, getattr(data, f"teacher_{name}"), "teacher (global model)", "tab:blue")
         _line(ax, data.rounds, getattr(data, f"student_{name}"), "student (distilled)", "tab:orange")
-        by_round = dict(zip(data.rounds, data.teacher_accuracy))
-        for rounds, marker, what in ((data.averaged_kept, "x", "the averaged model"),
-                                     (data.previous_kept, "v", "the round's starting model")):
-            if name == "accuracy" and (kept := [r for r in rounds if by_round.get(r) is not None]):
-                ax.plot(kept, [by_round[r] for r in kept], marker, color="black", markersize=10, mew=2,
-                        fillstyle="none", label=f"fusion kept {what} ({len(kept)} rounds)")
+        if name == "accuracy":
+            _fusion_markers(ax, data)
         ax.set(title=f"test {name} per round", ylabel=ylabel)
         _round_axis(ax, data.rounds)
         ax.grid(alpha=0.3)

@@ -269,5 +269,6 @@ class DistillStrategy(Strategy):
         candidates = {"averaged": averaged} if proxy_choice == "averaged" else {"averaged": averaged, "fused": fused}
         verdict = self.fusion_check.run(self._grid, placements, true_round, candidates, proxy_choice, received)
         return {"averaged": averaged, "fused": fused, "previous": self.global_arrays}[verdict["kept"]], verdict
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.aggregator.aggregate_evaluate(server_round, replies)
