@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.delivery import deliver
@@ -12,7 +12,7 @@ from client.local_dp import local_dp
 from common.config import ConfigError, RunConfig, check_node_config
 from common.data import Dataset, client_set
 from common.image_folder import load_image_folder
-from common.models import build_teacher
+from common.models import build_model
 from common.training import evaluate, setup_compute, train_local
 
 app = ClientApp(mods=[local_dp])  # dp = 'local': clip and noise the update before it leaves (client/local_dp.py)
@@ -44,8 +44,22 @@ def _setup(msg: Message, context: Context):
     return config, data, device
 
 
-def _model(data: Dataset, arrays: ArrayRecord):
-    model = build_teacher(data.input_shape, data.num_classes)
+def model_family(msg: Message, context: Context) -> str:
+    """The family of the model in ``msg``: its config's ``model-family`` (``large`` when absent).
+
+    Raises:
+        ConfigError: this node's config declares another ``model`` than the server sent.
+    """
+    family = str(msg.content["config"].get("model-family", "large"))
+    declared = context.node_config.get("model")
+    if declared and declared != family:
+        raise ConfigError(f"this node's config declares model = {declared!r}, but the server sent a {family!r} "
+                          "model; the server's run config must list the family in model-families")
+    return family
+
+
+def _model(data: Dataset, arrays: ArrayRecord, family: str = "large"):
+    model = build_model(family, data.input_shape, data.num_classes)
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
 
@@ -69,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     weight of local training's proximal term (absent: 0, plain SGD).
     """
     config, data, device = _setup(msg, context)
-    model = _model(data, msg.content["arrays"])
+    model = _model(data, msg.content["arrays"], model_family(msg, context))
     started = time.perf_counter()
     metrics = {f"eval-{k}": v for k, v in evaluate(model, data, device).items()}
     evaluated = time.perf_counter()
@@ -83,16 +97,20 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def report_partition(msg: Message, context: Context) -> Message:
-    """The partition this node's own config pins (``partition-id``), or -1 when the server's hand-out decides.
+    """The partition this node's own config pins (``partition-id``), or -1 when the server's hand-out decides,
+    and the model family it declares (``model``; '' when the run's assignment decides).
 
     The server asks once per node before it samples a fraction of them, so that
     it samples partitions rather than node IDs (new in every run): a seed then
-    repeats which data trains in each round (``server/strategy.py``).
+    repeats which data trains in each round (``server/strategy.py``); and in a run
+    with several model families, so that it sends each node its family's model.
     """
     node_config = dict(context.node_config)
     pinned = "partition-id" in node_config and not node_config.get("data-dir")
     partition = int(node_config["partition-id"]) if pinned else -1
-    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition})}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition}),
+                                       "config": ConfigRecord({"model": str(node_config.get("model", ""))})}),
+                   reply_to=msg)
 
 
 @app.query("deliver")
@@ -129,9 +147,10 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if not names:
         raise ValueError("this evaluate message carries no model (no ArrayRecord) to evaluate")
     _, data, device = _setup(msg, context)
+    family = model_family(msg, context)
     metrics: dict = {"num-examples": len(data)}
     for name in names:
         prefix = "local" if name == "arrays" else name
-        scores = evaluate(_model(data, msg.content[name]), data, device)
+        scores = evaluate(_model(data, msg.content[name], family), data, device)
         metrics.update({f"{prefix}-{k}": v for k, v in scores.items()})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -14,6 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from common.model_families import FamilyError, mixing_problem, parse_families, parse_partitions
+from common.models import MODEL_FAMILIES
+
 DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 DISTILL_MODES = ("off", "global", "ensemble")
@@ -31,6 +34,17 @@ class ConfigError(ValueError):
 
 def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _parses(parse: Callable[[str], Any], allowed: str) -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        try:
+            parse(v)
+        except FamilyError:
+            return False
+        return True
+
+    return ok, allowed
 
 
 def _range(lo: float, hi: float = math.inf, lo_open: bool = False):
@@ -76,6 +90,10 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "round-timeout": (float, _range(0, lo_open=True)),
     "max-update-norm": (float, _range(0)),
     "aggregation": (str, _choice(AGGREGATIONS)),
+    "model-families": (str, _parses(parse_families, "a comma-separated list of " + ", ".join(
+        repr(f) for f in MODEL_FAMILIES) + ", each once, the global model's first (e.g. 'large,small')")),
+    "small-partitions": (str, _parses(parse_partitions, "'' (none) or partition numbers and ranges, e.g. '10-19' "
+                                                        "or '0,2,4-6'")),
     "trimmed-mean-beta": (float, ((lambda v: 0 <= v < 0.5), "a number >= 0 and < 0.5")),
     "proximal-mu": (float, _range(0)),
     "server-momentum": (float, ((lambda v: 0 <= v < 1), "a number >= 0 and < 1")),
@@ -102,6 +120,7 @@ NODE_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "data-dir": ("none", "a folder of the node's own images (ImageFolder layout) instead of a partition"),
     "device": ("the run config's device", "auto, cpu or cuda for this node only"),
     "model-dir": ("models", "where delivered models are installed, relative to the SuperNode's directory"),
+    "model": ("the run's assignment", "the model family this node trains: " + ", ".join(MODEL_FAMILIES)),
 }
 
 
@@ -117,6 +136,7 @@ _NODE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data-dir": (_folder, "a quoted folder path, e.g. data-dir=\"/srv/images\""),
     "device": ((lambda v: v in DEVICES), "one of " + ", ".join(repr(d) for d in DEVICES)),
     "model-dir": (_folder, "a quoted folder path that is not a file, e.g. model-dir=\"models\""),
+    "model": ((lambda v: v in MODEL_FAMILIES), "one of " + ", ".join(repr(f) for f in MODEL_FAMILIES)),
 }
 
 
@@ -202,6 +222,8 @@ class RunConfig:
     round_timeout: float
     max_update_norm: float
     aggregation: str
+    model_families: str
+    small_partitions: str
     trimmed_mean_beta: float
     proximal_mu: float
     server_momentum: float
@@ -270,7 +292,14 @@ class RunConfig:
             raise ConfigError(
                 f"run config 'proximal-mu' = {config.proximal_mu:g} needs aggregation = 'fedprox' "
                 f"(aggregation = {config.aggregation!r} sends no proximal term to the clients)")
+        if problem := mixing_problem(config):
+            raise ConfigError(f"run config {problem}")
         return config
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """``model-families`` parsed: the run's model families, the global model's first."""
+        return parse_families(self.model_families)
 
     @property
     def trains_student(self) -> bool:

@@ -1,9 +1,14 @@
-"""The teacher and the compact student: one CNN family at two widths.
+"""The model families: one CNN at two widths, the ``large`` one clients train and the ``small`` one.
 
 Two 3x3 conv layers (padding 1), each followed by ReLU and 2x2 max-pool, then
 two fully connected layers. For 32x32x3 input the teacher is conv 3->64,
 conv 64->128, fc 128*8*8->512, fc 512->10; the student halves the conv widths
 and shrinks the hidden layer to 128. Any (C, H, W) input and class count works.
+
+The two widths are the model families (``MODEL_FAMILIES``): ``large`` is the
+teacher, the model every client trains by default; ``small`` is the student's
+architecture, which the server distils and which a weak device can train itself
+(``model = "small"`` in its node config; ``common/model_families.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 
 TEACHER_WIDTHS = (64, 128, 512)
 STUDENT_WIDTHS = (32, 64, 128)
+MODEL_FAMILIES = {"large": TEACHER_WIDTHS, "small": STUDENT_WIDTHS}  # family name -> widths
 
 
 class ConvNet(nn.Module):
@@ -38,14 +44,25 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def build_model(family: str, input_shape: tuple[int, int, int], num_classes: int) -> ConvNet:
+    """A fresh model of ``family`` (a key of ``MODEL_FAMILIES``).
+
+    Raises:
+        ValueError: an unknown family, naming the known ones.
+    """
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"model family {family!r} is unknown; use one of {', '.join(map(repr, MODEL_FAMILIES))}")
+    return ConvNet(input_shape, num_classes, MODEL_FAMILIES[family])
+
+
 def build_teacher(input_shape: tuple[int, int, int], num_classes: int) -> ConvNet:
-    """The model clients train and the server averages."""
-    return ConvNet(input_shape, num_classes, TEACHER_WIDTHS)
+    """The model clients train and the server averages (family ``large``)."""
+    return build_model("large", input_shape, num_classes)
 
 
 def build_student(input_shape: tuple[int, int, int], num_classes: int) -> ConvNet:
-    """The compact model the server distils for edge inference."""
-    return ConvNet(input_shape, num_classes, STUDENT_WIDTHS)
+    """The compact model the server distils for edge inference (family ``small``'s architecture)."""
+    return build_model("small", input_shape, num_classes)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common.config import ConfigError, RunConfig
 
@@ -42,7 +41,7 @@ class Resumable:
     partitions: dict
 
 
-def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.Module, distillation: dict,
+def save(run_dir: Path, server_round: int, config: RunConfig, global_model: dict[str, torch.Tensor], distillation: dict,
          privacy: dict | None = None, partitions: dict | None = None, sampling_rng: tuple | None = None) -> None:
     """Write ``run_dir/resume.pt`` for ``server_round``: to a temporary file, flushed to disk, then renamed.
 
@@ -54,7 +53,7 @@ def save(run_dir: Path, server_round: int, config: RunConfig, global_model: nn.M
     state = {
         "round": server_round,
         "config": config.to_mapping(),
-        "global_model": {k: v.detach().cpu() for k, v in global_model.state_dict().items()},
+        "global_model": {k: v.detach().cpu() for k, v in global_model.items()},
         "distillation": distillation,
         "python_rng": sampling_rng if sampling_rng is not None else random.Random().getstate(),
         "privacy": privacy or {},

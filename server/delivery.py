@@ -178,20 +178,41 @@ class Delivery:
         return bool(every) and server_round % every == 0 and server_round < self.config.num_server_rounds
 
     def send(self, grid: Grid, strategy, server_round: int, models: dict[str, nn.Module],
-             accuracies: dict[str, float], folder: Path) -> tuple[list[dict], float]:
-        """Export ``models`` into ``folder``, deliver them to every connected node; (rows, seconds)."""
+             accuracies: dict[str, float], folder: Path,
+             families: dict[str, tuple[nn.Module, float]] | None = None) -> tuple[list[dict], float]:
+        """Export ``models`` into ``folder``, deliver them to every connected node; (rows, seconds).
+
+        ``families``: {model family: (its global model, its test accuracy)} for the run's families past the
+        first; their nodes get that family's model as ``global`` (exported into ``folder/family-<name>``).
+        """
         started = time.perf_counter()
-        files = export_files(models, self.test_set.input_shape, folder, self.calibration)
-        if "student-int8" in files and accuracies.get("student-int8") is None:
-            accuracies["student-int8"] = quantization.onnx_accuracy(files["student-int8"]["onnx"],
-                                                                    self.test_set.images, self.test_set.labels)
-        blobs, manifest = build_package(files, accuracies, self.run_id, server_round, self.config)
         placements = strategy.placements(grid)
-        dirs = None
-        if self.simulation:
-            dirs = {node: str((self.run_dir / "devices" / f"partition-{p}").resolve())
-                    for node, (p, _) in placements.items()}
-        rows = deliver(grid, placements, blobs, manifest, self.config.round_timeout, dirs)
+        rows = []
+        for family, group in _by_family(strategy, placements, families or {}).items():
+            chosen, scores, into = models, accuracies, folder
+            if family in (families or {}) and "global" in models:
+                chosen = {**models, "global": families[family][0]}
+                scores, into = {**accuracies, "global": families[family][1]}, folder / f"family-{family}"
+            files = export_files(chosen, self.test_set.input_shape, into, self.calibration)
+            if "student-int8" in files and scores.get("student-int8") is None:
+                scores["student-int8"] = accuracies["student-int8"] = quantization.onnx_accuracy(
+                    files["student-int8"]["onnx"], self.test_set.images, self.test_set.labels)
+            blobs, manifest = build_package(files, scores, self.run_id, server_round, self.config)
+            dirs = None
+            if self.simulation:
+                dirs = {node: str((self.run_dir / "devices" / f"partition-{p}").resolve())
+                        for node, (p, _) in group.items()}
+            rows += deliver(grid, group, blobs, manifest, self.config.round_timeout, dirs)
         for row in rows:
             row["round"] = server_round
-        return rows, time.perf_counter() - started
+        return sorted(rows, key=lambda row: (row["partition"], row["node-id"])), time.perf_counter() - started
+
+
+def _by_family(strategy, placements: dict[int, tuple[int, int]], families: dict) -> dict[str, dict]:
+    """``placements`` split by the nodes' model family: one group unless ``families`` names others."""
+    if not families:
+        return {"": placements}
+    groups: dict[str, dict] = {}
+    for node, place in placements.items():
+        groups.setdefault(strategy.aggregator.family(node), {})[node] = place
+    return groups

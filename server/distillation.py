@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord
 
 from common.config import RunConfig
 from common.data import Dataset
-from common.models import build_student, build_teacher
+from common.models import build_model, build_student
 from common.training import evaluate, predict_logits
 
 EARLY_STOP_EVERY = 20  # steps between checks on the validation slice
@@ -53,6 +53,39 @@ def distillation_loss(
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
+def ensemble_probabilities(models: Iterable[nn.Module], images: torch.Tensor, device: torch.device,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """mean_k softmax(model_k(x) / T) on ``images`` (N, C, H, W): (N, classes). Models of any family.
+
+    Raises:
+        ValueError: no model.
+    """
+    total, count = None, 0
+    for model in models:
+        softened = F.softmax(predict_logits(model, images, device) / temperature, dim=1)
+        total = softened if total is None else total + softened
+        count += 1
+    if total is None:
+        raise ValueError("ensemble_logits needs at least one client model")
+    return total / count
+
+
+def anchored_logits(mixture: torch.Tensor, images: torch.Tensor, device: torch.device, temperature: float,
+                    anchor: nn.Module | None = None, anchor_weight: float = 0.0) -> torch.Tensor:
+    """T·log(w · softmax(anchor(x) / T) + (1 − w) · mixture): :func:`ensemble_logits` from the ensemble's
+    probabilities (N, classes), so one ensemble teaches learners with different anchors (model families).
+
+    Raises:
+        ValueError: ``anchor_weight`` outside [0, 1], or > 0 without an anchor.
+    """
+    if not 0.0 <= anchor_weight <= 1.0 or (anchor_weight > 0 and anchor is None):
+        raise ValueError(f"anchor_weight = {anchor_weight} needs an anchor model and 0 <= anchor_weight <= 1")
+    if anchor_weight > 0:
+        anchor_probs = F.softmax(predict_logits(anchor, images, device) / temperature, dim=1)
+        mixture = anchor_weight * anchor_probs + (1.0 - anchor_weight) * mixture
+    return temperature * torch.log(mixture.clamp_min(1e-12))
+
+
 def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: torch.device,
                     temperature: float = 1.0, anchor: nn.Module | None = None,
                     anchor_weight: float = 0.0) -> torch.Tensor:
@@ -68,26 +101,16 @@ def ensemble_logits(models: Iterable[nn.Module], images: torch.Tensor, device: t
     anchor, the round's averaged model, keeps the teacher no worse than a mix
     of FedAvg and the ensemble (FedBE, Chen & Chao 2021, counts the averaged
     model among its teachers). Returned as T·log p, so :func:`distillation_loss`
-    at the same T trains toward exactly p.
+    at the same T trains toward exactly p. The models may be of different
+    families (architectures): only their outputs are mixed.
 
     Raises:
         ValueError: no client model, or ``anchor_weight`` outside [0, 1] (or > 0 without an anchor).
     """
     if not 0.0 <= anchor_weight <= 1.0 or (anchor_weight > 0 and anchor is None):
         raise ValueError(f"anchor_weight = {anchor_weight} needs an anchor model and 0 <= anchor_weight <= 1")
-    def softened(model: nn.Module) -> torch.Tensor:
-        return F.softmax(predict_logits(model, images, device) / temperature, dim=1)
-
-    total, count = None, 0
-    for model in models:
-        total = softened(model) if total is None else total + softened(model)
-        count += 1
-    if total is None:
-        raise ValueError("ensemble_logits needs at least one client model")
-    mixture = total / count
-    if anchor_weight > 0:
-        mixture = anchor_weight * softened(anchor) + (1.0 - anchor_weight) * mixture
-    return temperature * torch.log(mixture.clamp_min(1e-12))
+    mixture = ensemble_probabilities(models, images, device, temperature)
+    return anchored_logits(mixture, images, device, temperature, anchor, anchor_weight)
 
 
 @dataclass(frozen=True)
@@ -236,38 +259,73 @@ class ServerDistillation:
             learner, self.proxy_train, self.settings, self.device, self.config.proxy_labelled, self.config.seed,
         )
 
-    def _teacher_model(self, arrays: ArrayRecord) -> nn.Module:
-        model = build_teacher(self.shape, self.num_classes)
+    def _model(self, family: str, arrays: ArrayRecord) -> nn.Module:
+        model = build_model(family, self.shape, self.num_classes)
         model.load_state_dict(arrays.to_torch_state_dict())
         return model
 
-    def teacher_logits(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord],
-                       images: torch.Tensor) -> torch.Tensor:
-        """This round's soft-target source on ``images`` (N, C, H, W): logits (N, classes)."""
-        if self.config.distill == "ensemble":
-            anchor = self._teacher_model(global_arrays) if self.config.distill_anchor > 0 else None
-            return ensemble_logits((self._teacher_model(a) for a in client_arrays), images, self.device,
-                                   self.settings.temperature, anchor, self.config.distill_anchor)
-        return predict_logits(self._teacher_model(global_arrays), images, self.device)
+    def teacher_logits(self, family: str, averaged: ArrayRecord, clients: list[tuple[str, ArrayRecord]],
+                       images: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
+        """This round's soft-target source on ``images`` (N, C, H, W) for a learner of ``family``: logits (N, classes).
 
-    def run(self, global_arrays: ArrayRecord, client_arrays: list[ArrayRecord]) -> tuple[ArrayRecord, dict]:
-        """Distil this round; returns the (possibly fine-tuned) global model and timings."""
+        ``global``: ``averaged`` (that family's aggregated model) itself; ``ensemble``: :func:`ensemble_logits`
+        over ``clients`` [(family, model)] anchored by ``averaged`` (``mixture``: the clients' probabilities on
+        ``images``, when already computed).
+        """
+        anchor = self._model(family, averaged)
+        if self.config.distill != "ensemble":
+            return predict_logits(anchor, images, self.device)
+        if mixture is None:
+            mixture = ensemble_probabilities((self._model(f, a) for f, a in clients), images, self.device,
+                                             self.settings.temperature)
+        return anchored_logits(mixture, images, self.device, self.settings.temperature, anchor,
+                               self.config.distill_anchor)
+
+    def run(self, averaged: dict[str, ArrayRecord], clients: list[tuple[str, ArrayRecord]],
+            fuse: list[str] | None = None) -> tuple[dict[str, ArrayRecord], dict]:
+        """Distil this round: returns {family: its model, fine-tuned when fused back} and the stats.
+
+        ``averaged``: {family: this round's aggregated model}, the global model's family first; ``clients``:
+        [(family, client model)], every valid client model of every family; ``fuse``: the families to fuse
+        back (those with a valid reply this round; default all). The teacher is ``global``: the first
+        family's averaged model, or ``ensemble``: the mean of every client model's probabilities anchored
+        by each learner's own family average (``distill-anchor``; the student's is the first family's: the
+        global model). Stats: ``global`` (the first family's fuse-back), ``families`` ({family: its
+        fuse-back}, with more than one family), ``student``, ``seconds``.
+        """
         started = time.perf_counter()
+        families, fuse = list(averaged), list(averaged) if fuse is None else list(fuse)
         validation, images = self.validation, self.proxy_train.images
         by_teacher = validation is not None and not self.config.proxy_labelled  # slice labelled by the teacher
         if by_teacher:
             images = torch.cat([images, validation.images])
-        logits = self.teacher_logits(global_arrays, client_arrays, images)
-        if by_teacher:
-            n_train = len(self.proxy_train)
-            validation = dataclasses.replace(validation, labels=logits[n_train:].argmax(1).cpu())
-            logits = logits[:n_train]
-        stats: dict = {}
+        mixture = ensemble_probabilities((self._model(f, a) for f, a in clients), images, self.device,
+                                         self.settings.temperature) if self.config.distill == "ensemble" else None
+        teachers: dict[str, tuple[torch.Tensor, Dataset | None]] = {}
+
+        def teacher(family: str) -> tuple[torch.Tensor, Dataset | None]:
+            """(soft targets on proxy-train, validation slice) for a learner anchored by ``family``'s average."""
+            if family not in teachers:
+                logits = self.teacher_logits(family, averaged[family], clients, images, mixture)
+                checked = validation
+                if by_teacher:
+                    n_train = len(self.proxy_train)
+                    checked = dataclasses.replace(validation, labels=logits[n_train:].argmax(1).cpu())
+                    logits = logits[:n_train]
+                teachers[family] = (logits, checked)
+            return teachers[family]
+
+        models, stats, fused = dict(averaged), {}, {}
         if self.fuses_back:
-            fused = self._teacher_model(global_arrays)
-            stats["global"] = self._distiller(fused).distill_round(logits, validation)
-            global_arrays = ArrayRecord(fused.cpu().state_dict())
+            for family in fuse:
+                learner = self._model(family, averaged[family])
+                fused[family] = self._distiller(learner).distill_round(*teacher(family))
+                models[family] = ArrayRecord(learner.cpu().state_dict())
+            if families[0] in fused:
+                stats["global"] = fused[families[0]]
+            if len(families) > 1:
+                stats["families"] = fused
         if self.student_distiller is not None:
-            stats["student"] = self.student_distiller.distill_round(logits, validation)
+            stats["student"] = self.student_distiller.distill_round(*teacher(families[0]))
         stats["seconds"] = time.perf_counter() - started
-        return global_arrays, stats
+        return models, stats

@@ -63,6 +63,20 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, int, int], repeats:
     return statistics.median(times) * 1e3
 
 
+def export_files(model: nn.Module, input_shape, run_dir: Path, stem: str) -> dict[str, Path | None]:
+    """``<stem>.safetensors`` (written each round by ``server/reporting.py``) beside the deployable files
+    exported here: ``<stem>.pt`` (TorchScript) and ``<stem>.onnx`` (None without the onnx extra)."""
+    return {"safetensors": run_dir / f"{stem}.safetensors",
+            "torchscript": export_torchscript(model, input_shape, run_dir / f"{stem}.pt"),
+            "onnx": export_onnx(model, input_shape, run_dir / f"{stem}.onnx")}
+
+
+def family_report(model: nn.Module, input_shape, run_dir: Path, stem: str) -> dict:
+    """A model family's final global model exported as the student is (:func:`export_files`): files, CPU latency."""
+    return {"latency-ms": cpu_latency_ms(model, input_shape), "files": _files(export_files(model, input_shape,
+                                                                                           run_dir, stem))}
+
+
 def deployment_report(teacher: nn.Module, student: nn.Module, input_shape, run_dir: Path,
                       calibration: torch.Tensor | None = None, test_set: Dataset | None = None) -> dict:
     """Export the student; return the files and CPU latency of both models.
@@ -71,12 +85,8 @@ def deployment_report(teacher: nn.Module, student: nn.Module, input_shape, run_d
     the int8 student (``student-int8``): its file, test accuracy and onnxruntime latency per sample
     at batch 1 on one thread, beside the float ONNX student's (``onnx-latency-ms``).
     """
-    files = {
-        "student": {"safetensors": run_dir / "student.safetensors",
-                    "torchscript": export_torchscript(student, input_shape, run_dir / "student.pt"),
-                    "onnx": export_onnx(student, input_shape, run_dir / "student.onnx")},
-        "teacher": {"safetensors": run_dir / "global.safetensors"},
-    }
+    files = {"student": export_files(student, input_shape, run_dir, "student"),
+             "teacher": {"safetensors": run_dir / "global.safetensors"}}
     report = {
         name: {"latency-ms": cpu_latency_ms(model, input_shape), "files": _files(files[name])}
         for name, model in (("student", student), ("teacher", teacher))

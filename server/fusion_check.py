@@ -128,13 +128,15 @@ class FusionCheck:
         self.margin = margin
 
     def run(self, grid: Grid, placements: dict[int, tuple[int, int]], server_round: int,
-            candidates: dict[str, ArrayRecord], proxy_choice: str, received: dict[int, dict] | None = None) -> dict:
+            candidates: dict[str, ArrayRecord], proxy_choice: str, received: dict[int, dict] | None = None,
+            family: str = "large") -> dict:
         """One check; returns :func:`choose`'s verdict plus ``asked``, ``seconds`` and ``bytes-sent``.
 
         ``placements``: {node ID: (partition, num-partitions)} of the nodes that may be asked (this round's
         clients), sampled in partition order. ``candidates``: {name: model} sent to each (the averaged model
         first). ``received``: as in :func:`choose`. ``bytes-sent`` counts the models' serialised array bytes
-        in all messages; each reply is ``num-examples`` plus two numbers per candidate.
+        in all messages; each reply is ``num-examples`` plus two numbers per candidate. ``family``: the
+        candidates' model family (``model-family`` in the messages' config), the asked nodes' own.
         """
         started = time.perf_counter()
         ordered = sorted(placements, key=lambda node: (placements[node][0], node))
@@ -144,7 +146,8 @@ class FusionCheck:
         for node in chosen:
             partition, partitions = placements[node]
             content = RecordDict({**candidates, "config": ConfigRecord(
-                {"server-round": server_round, "partition-id": partition, "num-partitions": partitions})})
+                {"server-round": server_round, "partition-id": partition, "num-partitions": partitions,
+                 "model-family": family})})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, ttl=self.timeout))
         replies = list(grid.send_and_receive(messages, timeout=self.timeout)) if messages else []
         verdict = choose(replies, proxy_choice, tuple(candidates), received, self.margin)
@@ -156,8 +159,8 @@ class FusionCheck:
                 "rejected, %d silent); the proxy criterion keeps the %s model", server_round, len(chosen),
                 len(verdict["failed"]), len(verdict["rejected"]), len(chosen) - len(replies), proxy_choice)
         else:
-            log(INFO, "fl-distill: round %d: fusion check: %s kept (clients' accuracy %s), %d of %d node(s), %d "
-                "examples", server_round, verdict["kept"],
+            log(INFO, "fl-distill: round %d: fusion check%s: %s kept (clients' accuracy %s), %d of %d node(s), %d "
+                "examples", server_round, "" if family == "large" else f" of family {family!r}", verdict["kept"],
                 ", ".join(f"{name} {acc:.4f}" for name, acc in verdict["accuracy"].items()),
                 verdict["answered"], len(chosen), verdict["examples"])
         for rejection in verdict["rejected"]:

@@ -36,6 +36,8 @@ class RunSeries:
     overhead_seconds: list[float]
     averaged_kept: list[int]  # rounds whose fuse-back kept the averaged model (``fusion.kept``)
     previous_kept: list[int]  # rounds that kept the model they started from
+    families: dict[str, dict[str, list[float | None]]]  # model families but the global model's: {name: {accuracy, loss}}
+    first_family: str | None  # the global model's family, in a run with several
 
     @property
     def has_student(self) -> bool:
@@ -54,6 +56,7 @@ def series(rows: list[dict]) -> RunSeries:
     ``check_seconds`` is the fusion check's (``fusion.seconds``), carved out of the overhead.
     """
     rows = sorted(rows, key=lambda r: r["round"])
+    names = list(next((r["families"] for r in reversed(rows) if r.get("families")), {}))  # the global model's first
     pick = lambda r, model, key: (r.get(model) or {}).get(key)  # noqa: E731
     timed = [r for r in rows if r["round"] >= 1]
     client = [_client_seconds(r) for r in timed]
@@ -76,6 +79,9 @@ def series(rows: list[dict]) -> RunSeries:
         overhead_seconds=[max(0.0, t - c - d - s - f) for t, c, d, s, f in zip(total, client, distill, server, check)],
         averaged_kept=[r["round"] for r in rows if (r.get("fusion") or {}).get("kept") == "averaged"],
         previous_kept=[r["round"] for r in rows if (r.get("fusion") or {}).get("kept") == "previous"],
+        families={name: {key: [pick(r.get("families") or {}, name, key) for r in rows] for key in ("accuracy", "loss")}
+                  for name in names[1:]},
+        first_family=names[0] if names else None,
     )
 
 
@@ -106,7 +112,8 @@ def _round_axis(ax, rounds: list[int]) -> None:
 def plot_run(rows: list[dict], title: str, path: Path) -> RunSeries:
     """Write ``path`` (PNG, 1200×900 px) from ``metrics.jsonl`` rows; returns the series drawn.
 
-    Top left, test accuracy per round (``teacher.accuracy``, ``student.accuracy``); top right,
+    Top left, test accuracy per round (``teacher.accuracy``, ``student.accuracy``, and with several model
+    families one line per family, ``families.<name>.accuracy``); top right,
     test cross-entropy loss (``teacher.loss``, ``student.loss``); bottom, each round's
     (>= 1) ``round-seconds`` as stacked bars: client training (max over ``clients`` of
     ``eval-seconds + train-seconds``, else the same keys of ``client-metrics``), distillation
@@ -122,7 +129,10 @@ def plot_run(rows: list[dict], title: str, path: Path) -> RunSeries:
     grid = fig.add_gridspec(2, 2)
     for ax, name, ylabel in ((fig.add_subplot(grid[0, 0]), "accuracy", "test accuracy"),
                              (fig.add_subplot(grid[0, 1]), "loss", "test cross-entropy loss")):
-        _line(ax, data.rounds, getattr(data, f"teacher_{name}"), "teacher (global model)", "tab:blue")
+        teacher = f"family {data.first_family!r} (global model)" if data.first_family else "teacher (global model)"
+        _line(ax, data.rounds, getattr(data, f"teacher_{name}"), teacher, "tab:blue")
+        for (family, values), color in zip(data.families.items(), ("tab:red", "tab:brown", "tab:pink")):
+            _line(ax, data.rounds, values[name], f"family {family!r}", color)
         _line(ax, data.rounds, getattr(data, f"student_{name}"), "student (distilled)", "tab:orange")
         if name == "accuracy":
             _fusion_markers(ax, data)

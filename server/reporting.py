@@ -24,7 +24,7 @@ from common.config import RunConfig
 from common.data import Dataset
 from common.models import model_size
 from common.training import evaluate
-from server.export import deployment_report
+from server.export import deployment_report, family_report
 
 
 def _parsed(line: str) -> dict | None:
@@ -61,13 +61,23 @@ class RunReport:
         else:
             run_dir.mkdir(parents=True, exist_ok=False)
 
-    def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict) -> MetricRecord:
-        """Test both models, append a metrics line, refresh the checkpoints, log one line."""
+    def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict,
+                     families: dict[str, nn.Module] | None = None) -> MetricRecord:
+        """Test the models, append a metrics line, refresh the checkpoints, log one line.
+
+        ``families``: {model family: its global model}, ``teacher`` (the first family's) included; with more
+        than one, the line's ``families`` gives each one's test accuracy and loss beside the round's
+        per-family ``stats['families']`` (nodes, bytes, fusion), and ``global-<family>.safetensors`` is written.
+        """
         started = time.perf_counter()
         row = {"round": server_round, "teacher": evaluate(teacher, self.test_set, self.device)}
+        others = dict(list((families or {}).items())[1:])  # the first family's model is the teacher
+        tested = {family: evaluate(model, self.test_set, self.device) for family, model in others.items()}
         if student is not None:
             row["student"] = evaluate(student, self.test_set, self.device)
         save_checkpoint(teacher, self.run_dir / "global.safetensors")
+        for family, model in others.items():
+            save_checkpoint(model, self.run_dir / f"global-{family}.safetensors")
         if student is not None:
             save_checkpoint(student, self.run_dir / "student.safetensors")
         now = time.perf_counter()
@@ -75,6 +85,10 @@ class RunReport:
         row["round-seconds"] = now - self.last_recorded  # since the previous round's line
         self.last_recorded = now
         row.update(stats)
+        if others:
+            tested = {next(iter(families)): row["teacher"], **tested}
+            row["families"] = {family: {**scores, **stats.get("families", {}).get(family, {})}
+                               for family, scores in tested.items()}
         self.rows.append(row)
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -93,16 +107,23 @@ class RunReport:
             line += f"  distill {row['distill']['seconds']:.1f}s"
             if "fusion" in row:
                 line += f" ({fusion_text(row['fusion'], row['distill'].get('global', {}).get('kept-step'))})"
+        if "families" in row:
+            line += "  | " + ", ".join(f"{family} acc {f['accuracy']:.3f} ({f.get('valid', 0)} nodes)"
+                                       for family, f in row["families"].items())
         if "privacy" in row:
             line += f"  | {privacy_text(row['privacy'])}"
         if "eval-accuracy" in row.get("client-metrics", {}):
             line += f"  | clients' local acc before training {row['client-metrics']['eval-accuracy']:.3f}"
         return line
 
-    def finish(self, teacher: nn.Module, student: nn.Module | None, calibration: torch.Tensor | None = None) -> dict:
+    def finish(self, teacher: nn.Module, student: nn.Module | None, calibration: torch.Tensor | None = None,
+               families: dict[str, nn.Module] | None = None) -> dict:
         """Export the student, write summary.json, log the summary table; returns the summary.
 
         ``calibration``: proxy-set images (N, C, H, W) for the int8 student's activation ranges.
+        ``families``: as in :meth:`record_round`; with more than one, ``summary['families']`` gives each
+        family's final test figures and size, and every family but the first is exported as the student is
+        (``global-<family>.pt`` / ``.onnx``).
         """
         last = self.rows[-1]
         summary = {
@@ -113,6 +134,12 @@ class RunReport:
         }
         if self.resume_after:
             summary["resumed-after-round"] = self.resume_after
+        if families and len(families) > 1:
+            summary["families"] = {
+                family: {**last["families"][family], **vars(model_size(model)),
+                         **(family_report(model, self.test_set.input_shape, self.run_dir, f"global-{family}")
+                            if model is not teacher else {})}
+                for family, model in families.items()}
         privacy = [row["privacy"] for row in self.rows if "privacy" in row]
         if privacy:
             summary["privacy"] = privacy[-1]
@@ -192,6 +219,11 @@ def summary_table(summary: dict) -> str:
             loss = f"{m['loss']:>9.4f}" if "loss" in m else f"{'-':>9}"
             lines.append(f"{name:<12} {m['accuracy']:>8.4f} {epsilon} {loss} {m['parameters']:>10,} "
                          f"{m['megabytes']:>6.2f} {latency}")
+    for family, m in list(summary.get("families", {}).items())[1:]:  # the first is the teacher's row
+        lines.append(f"{'family ' + family:<12} {m['accuracy']:>8.4f} {'-':>7} {m['loss']:>9.4f} {m['parameters']:>10,} "
+                     f"{m['megabytes']:>6.2f} " + (f"{m['latency-ms']:>9.3f}" if "latency-ms" in m else f"{'-':>9}"))
+    if "families" in summary:
+        lines.append(f"teacher: the global model, model family {next(iter(summary['families']))!r}")
     if privacy:
         lines.append(f"privacy: {privacy_text(privacy)} after {privacy['releases']} releases, noise multiplier "
                      f"{privacy['noise-multiplier']:.3g}")
@@ -200,6 +232,10 @@ def summary_table(summary: dict) -> str:
         lines.append(f"student-int8: {m['size-vs-fp32']:.2f}x the ONNX student's bytes, test acc "
                      f"{m['accuracy'] - fp32['accuracy']:+.4f} against the student; latency with onnxruntime "
                      f"(batch 1, one thread) {m['latency-ms']:.3f} ms vs {fp32['onnx-latency-ms']:.3f} ms (fp32)")
+    for family, m in summary.get("families", {}).items():
+        if "files" in m:
+            files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in m["files"].values())
+            lines.append(f"family {family} files: {files}")
     for name in ("teacher", "student", "student-int8"):
         if "files" in summary.get(name, {}):
             files = ", ".join(f"{f['path']} ({f['megabytes']:.2f} MB)" for f in summary[name]["files"].values())

@@ -50,19 +50,19 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0
     return nodes
 
 
-def pinned_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
-    """{node ID: partition-id} for the nodes whose own config pins their partition (simulation, launch.py).
+def ask_nodes(grid: Grid, nodes: list[int], timeout: float) -> tuple[dict[int, int], dict[int, str]]:
+    """({node ID: partition-id}, {node ID: model family}) of the nodes whose own config pins them.
 
     Asks each node once with a ``query`` message (``client/client_app.py``
     ``report_partition``) and waits at most ``timeout`` seconds. A node that
-    pins nothing is left out: the server's hand-out decides its data. One that
-    sends an error (e.g. an older ClientApp with no query handler) or an
-    unexpected reply, or does not answer in time, is left out too, with a
-    WARNING naming it: its place in the sample order, and so the sample, may
-    then differ between two runs with one seed.
+    pins no partition (or declares no ``model``) is left out of that mapping: the
+    server's hand-out (or the run's family assignment) decides. One that sends an
+    error (e.g. an older ClientApp with no query handler) or an unexpected reply,
+    or does not answer in time, is left out too, with a WARNING naming it: its place
+    in the sample order, and so the sample, may then differ between two runs with one seed.
     """
     asks = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, ttl=timeout) for node in nodes]
-    pinned, unclear = {}, []
+    pinned, declared, unclear = {}, {}, []
     answered = set()
     for reply in grid.send_and_receive(asks, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -70,16 +70,39 @@ def pinned_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int,
         metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
         if metrics is None or "partition-id" not in metrics:
             unclear.append(node)
-        elif (partition := int(metrics["partition-id"])) >= 0:
+            continue
+        if (partition := int(metrics["partition-id"])) >= 0:
             pinned[node] = partition
+        if model := str(reply.content.config_records.get("config", {}).get("model", "")):
+            declared[node] = model
     if silent := sorted(set(nodes) - answered):
         log(WARNING, "fl-distill: node(s) %s did not say their partition within %g s; the server hands them one, "
             "and the same seed may sample other data in another run", silent, timeout)
     if unclear:
         log(WARNING, "fl-distill: node(s) %s sent an error or no partition-id to the partition query (an older "
             "fl-distill ClientApp?); the server hands them one", sorted(unclear))
-    log(INFO, "fl-distill: %d of %d new node(s) pin their partition", len(pinned), len(nodes))
-    return pinned
+    log(INFO, "fl-distill: %d of %d new node(s) pin their partition, %d declare a model family", len(pinned),
+        len(nodes), len(declared))
+    return pinned, declared
+
+
+class SampledGrid:
+    """The Grid as the inner strategy sees it while configuring a round: only the sampled nodes.
+
+    Flower's strategies sample in ``configure_train`` with no deadline; shown
+    exactly the nodes this wrapper sampled (and built with fraction 1), they
+    address all of them at once, and still do their own bookkeeping (FedOpt and
+    the DP wrappers keep the round's global model there).
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int]):
+        self._grid, self._node_ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:

@@ -19,12 +19,14 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
 
+from common.model_families import pack, unpack
 from server.distillation import ServerDistillation
+from server.families import ModelFamilies, family_stats
 from server.fusion_check import FusionCheck
-from server.sampling import pinned_partitions, sample, wait_for_nodes
-from server.validation import clip_update, screen_replies
+from server.sampling import SampledGrid, ask_nodes, sample, wait_for_nodes
+from server.validation import clip_update
 
 
 def content_digest(reply: Message) -> bytes:
@@ -43,31 +45,13 @@ def content_digest(reply: Message) -> bytes:
     return digest.digest()
 
 
-class SampledGrid:
-    """The Grid as the inner strategy sees it while configuring a round: only the sampled nodes.
-
-    Flower's strategies sample in ``configure_train`` with no deadline; shown
-    exactly the nodes this wrapper sampled (and built with fraction 1), they
-    address all of them at once, and still do their own bookkeeping (FedOpt and
-    the DP wrappers keep the round's global model there).
-    """
-
-    def __init__(self, grid: Grid, node_ids: list[int]):
-        self._grid, self._node_ids = grid, list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-
 class DistillStrategy(Strategy):
     """Sampling, reply validation, update clipping and distillation around a Flower aggregation strategy.
 
     Args:
         aggregator: the Flower strategy that aggregates (``FedAvg``, ``FedTrimmedAvg``,
-            ``FedMedian``, …), built to use every node it is shown.
+            ``FedMedian``, …), built to use every node it is shown, or :class:`server.families.ModelFamilies`,
+            one such strategy per model family (a lone strategy is the family ``large``'s).
         distillation: the server's distillation, or None for ``distill = 'off'``.
         fraction_train, fraction_evaluate, min_nodes: as the run-config keys.
         num_partitions: partitions of the clients' pool; 0 = one per node connected in round 1.
@@ -88,13 +72,13 @@ class DistillStrategy(Strategy):
     metrics, failures and rejections land in ``round_stats`` (keyed by true round).
     """
 
-    def __init__(self, aggregator: FedAvg, distillation: ServerDistillation | None = None, *,
+    def __init__(self, aggregator: Strategy, distillation: ServerDistillation | None = None, *,
                  fraction_train: float = 1.0, fraction_evaluate: float = 0.0, min_nodes: int = 1,
                  num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
                  max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None,
                  fusion_check: FusionCheck | None = None):
         super().__init__()
-        self.aggregator = aggregator
+        self.aggregator = aggregator if isinstance(aggregator, ModelFamilies) else ModelFamilies({"large": aggregator})
         self.distillation = distillation
         self.fraction_train, self.fraction_evaluate, self.min_nodes = fraction_train, fraction_evaluate, min_nodes
         self.num_partitions = num_partitions
@@ -104,6 +88,7 @@ class DistillStrategy(Strategy):
         self.round_offset = round_offset
         self.rng = random.Random(sampling_seed)
         self.partition_of: dict[int, int] = {}
+        self.left_out: set[int] = set()  # nodes that declared a model family this run does not federate
         self.round_stats: dict[int, dict] = {}
         self.fusion_check = fusion_check
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
@@ -113,13 +98,15 @@ class DistillStrategy(Strategy):
     def partition_state(self) -> dict:
         """The partition hand-out, for a resumed run to give each node the same data (``server/checkpoint.py``)."""
         return {"partition-of": {str(node): p for node, p in self.partition_of.items()},
-                "num-partitions": self.num_partitions}
+                "num-partitions": self.num_partitions,
+                "family-of": {str(node): f for node, f in self.aggregator.family_of.items()}}
 
     def load_partition_state(self, state: dict) -> None:
         """Restore :meth:`partition_state` (an empty dict: nothing handed out yet)."""
         if state:
             self.partition_of = {int(node): p for node, p in state["partition-of"].items()}
             self.num_partitions = int(state["num-partitions"])
+            self.aggregator.family_of.update({int(node): f for node, f in state.get("family-of", {}).items()})
 
     def placements(self, grid: Grid) -> dict[int, tuple[int, int]]:
         """{node ID: (partition, num-partitions)} of every connected node; new nodes are handed one first."""
@@ -129,8 +116,8 @@ class DistillStrategy(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── fl-distill: training %g%% of the nodes a round (at least min-nodes %d), validation, clipping %s, "
-            "distillation %s, around:", 100 * self.fraction_train, self.min_nodes,
-            self.max_update_norm or "off", "on" if self.distillation else "off")
+            "distillation %s, model families %s, around:", 100 * self.fraction_train, self.min_nodes,
+            self.max_update_norm or "off", "on" if self.distillation else "off", ", ".join(self.aggregator.families))
         self.aggregator.summary()
 
     def configure_train(
@@ -157,6 +144,7 @@ class DistillStrategy(Strategy):
         waited = time.perf_counter()
         connected = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout)
         self._hand_out_partitions(grid, connected)
+        connected = [node for node in connected if node not in self.left_out]
         self._node_wait = time.perf_counter() - waited  # includes asking new nodes their partition
         # Sampled in partition order, not by node ID (new in every run): a seed repeats which data trains.
         chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum,
@@ -177,18 +165,22 @@ class DistillStrategy(Strategy):
     def _hand_out_partitions(self, grid: Grid, connected: list[int]) -> None:
         """Record a partition for every connected node not seen before.
 
-        A node's own ``partition-id`` wins (asked with :func:`pinned_partitions`
+        A node's own ``partition-id`` wins (asked with :func:`server.sampling.ask_nodes`
         when either phase samples a fraction of the nodes, since only then does
-        the order matter); the others, sorted by ID, get the lowest partitions no
+        the order matter, or when the run has several model families); the others,
+        sorted by ID, get the lowest partitions no
         connected node has, and once all are taken share one (numbers past
         ``num_partitions`` wrap around) rather than get none. Two nodes that pin
-        one partition are ordered by node ID.
+        one partition are ordered by node ID. Then each new node's model family
+        (:meth:`ModelFamilies.assign`); a node that declares a family this run does
+        not federate is left out of every round, with a WARNING naming it.
         """
         new = [node for node in connected if node not in self.partition_of]
         if not new:
             return
         sampling = self.fraction_train < 1.0 or 0.0 < self.fraction_evaluate < 1.0
-        pinned = pinned_partitions(grid, new, min(self.round_timeout or 60.0, 60.0)) if sampling else {}
+        asking = sampling or len(self.aggregator.families) > 1
+        pinned, declared = ask_nodes(grid, new, min(self.round_timeout or 60.0, 60.0)) if asking else ({}, {})
         self.num_partitions = self.num_partitions or len(connected)
         self.partition_of.update(pinned)
         # Only connected nodes hold a partition: a resumed run's old node IDs free theirs.
@@ -198,6 +190,13 @@ class DistillStrategy(Strategy):
         for node in (node for node in new if node not in pinned):
             self.partition_of[node] = next(free, holders)
             holders += 1
+        for node in new:
+            family = self.aggregator.assign(node, declared.get(node), self.partition_of[node] % self.num_partitions)
+            if family not in self.aggregator.families:
+                self.left_out.add(node)
+                log(WARNING, "fl-distill: node %d declares model = %r, which this run does not federate "
+                    "(model-families = %s); it is left out of every round", node, family,
+                    ",".join(self.aggregator.families))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -214,7 +213,9 @@ class DistillStrategy(Strategy):
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train before configure_train: no global model to check replies against")
         true_round = server_round + self.round_offset
-        valid, errors, rejected = screen_replies(replies, self.global_arrays, self.aggregator.weighted_by_key)
+        families = self.aggregator
+        families.sent = unpack(self.global_arrays, families.families)  # what this round sent, per family
+        valid, errors, rejected = families.screen(replies)
         for rejection in rejected:
             log(WARNING, "fl-distill: round %d: dropped the update of node %d: %s",
                 true_round, rejection.node_id, rejection.reason)
@@ -222,18 +223,24 @@ class DistillStrategy(Strategy):
         clipped = []
         if self.max_update_norm > 0:
             for reply in valid:
-                if (norm := clip_update(reply, self.global_arrays, self.max_update_norm)) > self.max_update_norm:
+                reference = families.sent[families.family(reply.metadata.src_node_id)]
+                if (norm := clip_update(reply, reference, self.max_update_norm)) > self.max_update_norm:
                     clipped.append({"node-id": reply.metadata.src_node_id, "norm": norm})
-        if isinstance(self.aggregator, FedTrimmedAvg) and valid and int(self.aggregator.beta * len(valid)) == 0:
-            log(WARNING, "fl-distill: trimmed-mean-beta = %g trims nothing from %d updates (it cuts int(beta * %d) "
-                "= 0 from each end); %s", self.aggregator.beta, len(valid), len(valid),
-                f"raise it to at least {1 / len(valid):.3g}" if len(valid) > 2 else "trimming needs 3 or more updates")
-        key = self.aggregator.arrayrecord_key
+        for family, group in families.by_family(valid).items():
+            strategy = families.strategies[family]
+            if isinstance(strategy, FedTrimmedAvg) and int(strategy.beta * len(group)) == 0:
+                log(WARNING, "fl-distill: trimmed-mean-beta = %g trims nothing from %d updates (it cuts int(beta * "
+                    "%d) = 0 from each end); %s", strategy.beta, len(group), len(group),
+                    f"raise it to at least {1 / len(group):.3g}" if len(group) > 2 else
+                    "trimming needs 3 or more updates")
+        key = families.arrayrecord_key
+        mixed = len(families.families) > 1
         # Robust aggregators take the arrays out of the replies, DP rewrites the weights: read them first.
-        client_arrays = [ArrayRecord(dict(r.content[key].items())) for r in valid]
-        clients = [{"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values())))}
-                   for r in valid]
-        arrays, metrics = self.aggregator.aggregate_train(server_round, valid + errors)
+        client_arrays = [(families.family(r.metadata.src_node_id), ArrayRecord(dict(r.content[key].items())))
+                         for r in valid]
+        clients = [{"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values()))),
+                    **({"model-family": families.family(r.metadata.src_node_id)} if mixed else {})} for r in valid]
+        arrays, metrics = families.aggregate_train(server_round, valid + errors)
         stats: dict = {
             "train-seconds": time.perf_counter() - self._round_started,
             "node-wait-seconds": self._node_wait,
@@ -245,30 +252,42 @@ class DistillStrategy(Strategy):
             "clients": clients,
             "aggregated": arrays is not None,
         }
+        if mixed:
+            stats["families"] = family_stats(families, replies, valid)
         if arrays is not None and self.distillation is not None:
-            averaged = arrays
-            arrays, stats["distill"] = self.distillation.run(arrays, client_arrays)
+            averaged = unpack(arrays, families.families)
+            fused, stats["distill"] = self.distillation.run(averaged, client_arrays, families.aggregated)
             if self.distillation.fuses_back:
-                arrays, stats["fusion"] = self._keep(true_round, averaged, arrays, stats["distill"]["global"], clients)
+                for family in families.aggregated:
+                    learner = stats["distill"]["families"][family] if mixed else stats["distill"]["global"]
+                    fused[family], verdict = self._keep(true_round, family, averaged[family], fused[family],
+                                                        learner, clients)
+                    if family == families.families[0]:
+                        stats["fusion"] = verdict
+                    if mixed:
+                        stats["families"][family]["fusion"] = verdict
+            arrays = pack(fused)
         self.round_stats[true_round] = stats
         return arrays, metrics
 
-    def _keep(self, true_round: int, averaged: ArrayRecord, fused: ArrayRecord, distilled: dict,
+    def _keep(self, true_round: int, family: str, averaged: ArrayRecord, fused: ArrayRecord, distilled: dict,
               clients: list[dict]) -> tuple[ArrayRecord, dict]:
-        """The next global model and the verdict that chose it (``server/fusion_check.py``).
+        """``family``'s next global model and the verdict that chose it (``server/fusion_check.py``).
 
         Without a fusion check the Distiller's proxy criterion decides (kept step 0: the averaged model).
-        With one, this round's clients (``clients``: their train reply metrics) score the averaged model, the
-        fused one unless the Distiller kept step 0, and the model the round started from.
+        With one, this round's clients of ``family`` (``clients``: their train reply metrics) score the averaged
+        model, the fused one unless the Distiller kept step 0, and the model the round started from.
         """
         proxy_choice = "averaged" if distilled.get("kept-step") == 0 else "fused"
         if self.fusion_check is None or self._grid is None:
             return (averaged if proxy_choice == "averaged" else fused), {"kept": proxy_choice, "by": "proxy"}
-        received = {c["node-id"]: c for c in clients}
+        received = {c["node-id"]: c for c in clients if self.aggregator.family(c["node-id"]) == family}
         placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
         candidates = {"averaged": averaged} if proxy_choice == "averaged" else {"averaged": averaged, "fused": fused}
-        verdict = self.fusion_check.run(self._grid, placements, true_round, candidates, proxy_choice, received)
-        return {"averaged": averaged, "fused": fused, "previous": self.global_arrays}[verdict["kept"]], verdict
+        verdict = self.fusion_check.run(self._grid, placements, true_round, candidates, proxy_choice, received,
+                                        family=family)
+        previous = self.aggregator.sent[family]
+        return {"averaged": averaged, "fused": fused, "previous": previous}[verdict["kept"]], verdict
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.aggregator.aggregate_evaluate(server_round, replies)

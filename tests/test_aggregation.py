@@ -24,9 +24,9 @@ class RecordingDistillation:
     def __init__(self):
         self.calls = []
 
-    def run(self, global_arrays, client_arrays):
-        self.calls.append((global_arrays["w"].numpy().copy(), [a["w"].numpy().copy() for a in client_arrays]))
-        return global_arrays, {"seconds": 0.0}
+    def run(self, averaged, client_arrays, fuse=None):
+        self.calls.append((averaged["large"]["w"].numpy().copy(), [a["w"].numpy().copy() for _, a in client_arrays]))
+        return averaged, {"seconds": 0.0}
 
 
 def start_round(strategy, nodes):
@@ -220,9 +220,9 @@ class ShiftingDistillation:
 
     fuses_back = True
 
-    def run(self, global_arrays, client_arrays):
-        shifted = arrays_of({k: a.numpy() + np.float32(0.5) for k, a in global_arrays.items()})
-        return shifted, {"seconds": 0.0, "global": {"kept-step": 150}}
+    def run(self, averaged, client_arrays, fuse=None):
+        shifted = arrays_of({k: a.numpy() + np.float32(0.5) for k, a in averaged["large"].items()})
+        return {"large": shifted}, {"seconds": 0.0, "global": {"kept-step": 150}}
 
 
 def next_round_clients(sent, delta_seed):
@@ -263,7 +263,7 @@ def fedadam_step(w, avg, m, v, server_round, eta, tau, beta_1=0.9, beta_2=0.99):
 def test_fedadam_first_step_is_its_formula(config):
     eta, tau = 0.05, 0.01
     strategy = strategy_for(config, "fedadam", server_lr=eta, server_tau=tau)
-    assert (strategy.aggregator.beta_1, strategy.aggregator.beta_2) == (0.9, 0.99)
+    assert (strategy.aggregator.first.beta_1, strategy.aggregator.first.beta_2) == (0.9, 0.99)
     w1 = play_round(strategy, 1, W0, ROUND_1, WEIGHTS)
     avg = weighted_mean(ROUND_1, WEIGHTS)
     for k in W0:

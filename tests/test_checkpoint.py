@@ -17,7 +17,7 @@ def saved_run(tmp_path, config, rounds=2):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     torch.manual_seed(0)
-    checkpoint.save(run_dir, rounds, config, nn.Linear(3, 2), {"student": {"w": torch.ones(2)}})
+    checkpoint.save(run_dir, rounds, config, nn.Linear(3, 2).state_dict(), {"student": {"w": torch.ones(2)}})
     return run_dir
 
 
@@ -80,7 +80,7 @@ def test_the_partition_hand_out_survives_a_resume(tmp_path, config, make_strateg
     strategy.partition_of, strategy.num_partitions = {907: 2, 12: 0, 455: 1}, 3
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    checkpoint.save(run_dir, 2, config, nn.Linear(3, 2), {}, {}, strategy.partition_state())
+    checkpoint.save(run_dir, 2, config, nn.Linear(3, 2).state_dict(), {}, {}, strategy.partition_state())
     resumed = make_strategy()
     resumed.load_partition_state(checkpoint.load(replace(config, resume_from=str(run_dir),
                                                          num_server_rounds=4)).partitions)
@@ -101,7 +101,7 @@ def test_a_resumed_run_samples_the_nodes_the_uninterrupted_run_would(tmp_path, c
     assert [sampled(first, r) for r in (1, 2)] == expected[:2]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    checkpoint.save(run_dir, 2, config, nn.Linear(3, 2), {}, {}, first.partition_state(), first.rng.getstate())
+    checkpoint.save(run_dir, 2, config, nn.Linear(3, 2).state_dict(), {}, {}, first.partition_state(), first.rng.getstate())
     resumable = checkpoint.load(replace(config, resume_from=str(run_dir), num_server_rounds=4))
     resumed = make_strategy(fraction_train=0.2, sampling_seed=3)
     resumed.load_partition_state(resumable.partitions)

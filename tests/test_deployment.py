@@ -23,7 +23,7 @@ TASK_LINE = re.compile(
 
 @contextlib.contextmanager
 def federation_of(folder, connection: str, ports: launch.Ports, count: int, first_runtime_port: int,
-                  superlink_args: tuple[str, ...] = ()):
+                  superlink_args: tuple[str, ...] = (), node_configs: dict[int, str] | None = None):
     """A SuperLink + ``count`` warm SuperNodes; every process is stopped afterwards, also when a test fails.
 
     The list it yields is the one stopped at the end: a test that replaces a process appends the new one.
@@ -33,7 +33,7 @@ def federation_of(folder, connection: str, ports: launch.Ports, count: int, firs
     processes = [launch.start_superlink(home, ports, simulation=False, extra=list(superlink_args))]
     try:
         processes += launch.start_supernodes(home, ports, count=count, first_runtime_port=first_runtime_port,
-                                             executor="warm")
+                                             executor="warm", node_configs=node_configs)
         yield home, processes
     finally:
         launch.stop(processes)
@@ -333,3 +333,25 @@ def test_a_run_whose_superlink_was_killed_is_resumed_from_its_checkpoint(tmp_pat
         assert rows[4]["teacher"]["accuracy"] >= rows[2]["teacher"]["accuracy"] - 0.02
         assert json.loads((out / str(run_id) / "summary.json").read_text())["resumed-after-round"] >= 2
         assert time.monotonic() - restarted < 300
+
+
+def test_a_supernode_declaring_the_small_model_trains_and_receives_the_small_familys_model(tmp_path):
+    # a weak device joins with model="small": it gets, trains and returns the small CNN's shapes over gRPC,
+    # and the model delivered to it at the end is its own family's
+    out = tmp_path / "out"
+    with federation_of(tmp_path, "families-test", launch.Ports(http=8170, fleet=9302), 3, 9310,
+                       node_configs={2: 'model="small"'}) as (home, _):
+        lines: list[str] = []
+        run_id = launch.flwr_run(home, "families-test", f'num-server-rounds=1 min-nodes=3 model-families="large,small" '
+                                 f'deliver="global" out-dir="{out}"', echo=lines.append)
+        assert launch.wait_finished(home, "families-test", run_id, timeout=300) == "finished:completed", \
+            "\n".join(lines)
+    last = metrics(out, run_id)[-1]
+    assert last["families"]["small"]["valid"] == 1 and last["families"]["large"]["valid"] == 2
+    assert last["rejected"] == []
+    assert last["families"]["small"]["bytes-received"] < last["families"]["large"]["bytes-received"] / 8
+    (small_node,) = [c for c in last["clients"] if c["model-family"] == "small"]
+    assert small_node["node-id"] in last["families"]["small"]["heard-from"]
+    delivered = torch.jit.load(str(next((home / "models-2").rglob("global.pt"))))
+    first_layer = dict(delivered.named_parameters())["features.0.weight"]
+    assert first_layer.shape[0] == 32  # the small CNN's first layer, not the large one's 64

@@ -92,7 +92,7 @@ def test_with_one_client_ensemble_and_global_teachers_agree(small_run):
     config, proxy, _, arrays, _ = small_run
     by_mode = {
         mode: ServerDistillation(dataclasses.replace(config, distill=mode), proxy, torch.device("cpu"))
-        .teacher_logits(arrays, [arrays], proxy.images)
+        .teacher_logits("large", arrays, [("large", arrays)], proxy.images)
         for mode in ("global", "ensemble")
     }
     t = config.distill_temperature
@@ -108,10 +108,10 @@ def test_a_distillation_round_moves_the_student_toward_the_teacher(small_run):
         return distillation_loss(predict_logits(distillation.student, test.images, torch.device("cpu")), target, 3.0).item()
 
     before = gap()
-    returned, stats = distillation.run(arrays, [arrays])
+    returned, stats = distillation.run({"large": arrays}, [("large", arrays)])
     assert gap() < 0.5 * before  # on images it never trained on
     assert stats["student"]["steps"] == 60 and stats["seconds"] > 0
-    assert returned is arrays  # target 'student' leaves the global model alone
+    assert returned["large"] is arrays  # target 'student' leaves the global model alone
 
 
 def _trained_client(proxy, test):
@@ -132,9 +132,9 @@ def test_target_global_fine_tunes_the_aggregated_model_toward_a_better_ensemble(
     config = dataclasses.replace(config, distill="ensemble", distill_target="global")
     distillation = ServerDistillation(config, proxy, torch.device("cpu"))
     assert len(distillation.validation) == int(0.2 * len(proxy))  # held out although the proxy set is unlabelled
-    returned, stats = distillation.run(arrays, [arrays, _trained_client(proxy, test)])
+    returned, stats = distillation.run({"large": arrays}, [("large", arrays), ("large", _trained_client(proxy, test))])
     assert distillation.student is None and "student" not in stats
-    assert stats["global"]["kept-step"] > 0 and _weights_changed(returned, arrays)
+    assert stats["global"]["kept-step"] > 0 and _weights_changed(returned["large"], arrays)
 
 
 def test_fusion_that_does_not_agree_more_with_the_teacher_returns_the_averaged_model_unchanged(small_run):
@@ -143,10 +143,10 @@ def test_fusion_that_does_not_agree_more_with_the_teacher_returns_the_averaged_m
     config, proxy, _, arrays, teacher = small_run
     config = dataclasses.replace(config, distill="ensemble", distill_target="global", distill_steps=100)
     distillation = ServerDistillation(config, proxy, torch.device("cpu"))
-    distillation.teacher_logits = lambda _g, _c, images: predict_logits(teacher, images, torch.device("cpu"))
-    returned, stats = distillation.run(arrays, [arrays])
+    distillation.teacher_logits = lambda _f, _a, _c, images, _m: predict_logits(teacher, images, torch.device("cpu"))
+    returned, stats = distillation.run({"large": arrays}, [("large", arrays)])
     assert stats["global"]["kept-step"] == 0 and stats["global"]["validation-accuracy"] == 1.0
-    assert not _weights_changed(returned, arrays)
+    assert not _weights_changed(returned["large"], arrays)
 
 
 def test_a_student_only_run_on_an_unlabelled_proxy_set_trains_on_all_of_it(config):
@@ -161,7 +161,7 @@ def test_labelled_proxy_set_stops_early_on_its_validation_slice(small_run):
     config = dataclasses.replace(config, proxy_labelled=True, distill_alpha=0.5, distill_steps=400)
     distillation = ServerDistillation(config, proxy, torch.device("cpu"))
     assert len(distillation.validation) + len(distillation.proxy_train) == len(proxy)
-    _, stats = distillation.run(arrays, [arrays])
+    _, stats = distillation.run({"large": arrays}, [("large", arrays)])
     assert stats["student"]["steps"] < 400
 
 
@@ -176,7 +176,7 @@ def test_with_a_labelled_proxy_set_fusion_never_returns_a_model_worse_on_validat
     wrong[torch.arange(len(wrong)), (distillation.proxy_train.labels + 1) % proxy.num_classes] = 30.0
     distillation.teacher_logits = lambda *_: wrong  # a teacher that is always wrong
     before = evaluate(teacher, distillation.validation, torch.device("cpu"))["accuracy"]
-    returned, _ = distillation.run(arrays, [arrays])
+    returned, _ = distillation.run({"large": arrays}, [("large", arrays)])
     model = build_teacher(proxy.input_shape, proxy.num_classes)
-    model.load_state_dict(returned.to_torch_state_dict())
+    model.load_state_dict(returned["large"].to_torch_state_dict())
     assert evaluate(model, distillation.validation, torch.device("cpu"))["accuracy"] >= before

@@ -136,9 +136,9 @@ class FusingDistillation:
     def __init__(self, kept_step: int):
         self.kept_step = kept_step
 
-    def run(self, global_arrays, client_arrays):
-        fused = ArrayRecord({k: Array(a.numpy() + np.float32(1)) for k, a in global_arrays.items()})
-        return fused, {"seconds": 0.0, "global": {"kept-step": self.kept_step}}
+    def run(self, averaged, client_arrays, fuse=None):
+        fused = ArrayRecord({k: Array(a.numpy() + np.float32(1)) for k, a in averaged["large"].items()})
+        return {"large": fused}, {"seconds": 0.0, "global": {"kept-step": self.kept_step}}
 
 
 def round_with_check(make_strategy, answers, received_accuracy=0.0, kept_step=40):

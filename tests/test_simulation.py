@@ -279,3 +279,36 @@ def test_a_run_delivers_its_models_to_every_virtual_node_which_measures_them_the
     assert summary["devices"] == str(run_dir / "devices.json") and summary["delivered-to"] == 3
     assert summary["student-int8"]["size-vs-fp32"] <= 0.35
     assert any("models installed on 3 of 3 node(s)" in line for line in lines)
+
+
+def test_mixed_model_families_train_fuse_report_and_resume_as_an_uninterrupted_run(superlink, tmp_path):
+    # 6 clients, partitions 3-5 train the small CNN: each family's accuracy every round, its own files
+    out = tmp_path / "out"
+    common = (f'model-families="large,small" small-partitions="3-5" distill="ensemble" distill-target="global" '
+              f'distill-steps=20 min-nodes=6 out-dir="{out}"')
+    whole_id, whole_status, lines = simulate(superlink, f"num-server-rounds=2 {common}", clients=6, timeout=180)
+    assert whole_status == "finished:completed", "\n".join(lines)
+    whole = metrics(out / str(whole_id))
+    for row in whole:
+        assert set(row["families"]) == {"large", "small"}
+        assert row["families"]["large"]["accuracy"] == row["teacher"]["accuracy"]
+    for family in ("large", "small"):
+        assert whole[-1]["families"][family]["accuracy"] > whole[0]["families"][family]["accuracy"] + 0.2
+        assert whole[-1]["families"][family]["valid"] == 3 and whole[-1]["families"][family]["bytes-sent"] > 0
+        assert whole[-1]["families"][family]["fusion"]["by"] == "clients"
+    assert whole[-1]["families"]["small"]["bytes-sent"] < whole[-1]["families"]["large"]["bytes-sent"] / 4
+    summary = json.loads((out / str(whole_id) / "summary.json").read_text())
+    assert summary["families"]["small"]["parameters"] < summary["families"]["large"]["parameters"] / 4
+    assert {"global-small.safetensors", "global-small.pt"} <= {p.name for p in (out / str(whole_id)).iterdir()}
+
+    first_id, first_status, _ = simulate(superlink, f"num-server-rounds=1 {common}", clients=6, timeout=180)
+    run_dir = out / str(first_id)
+    _, resumed_status, lines = simulate(superlink, f'num-server-rounds=2 resume-from="{run_dir}" {common}',
+                                        clients=6, timeout=180)
+    assert first_status == resumed_status == "finished:completed", "\n".join(lines)
+    resumed = metrics(run_dir)
+    assert [r["round"] for r in resumed] == [0, 1, 2]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in (out / str(whole_id)).iterdir())
+    for a, b in zip(resumed, whole):
+        assert {f: a["families"][f]["accuracy"] for f in a["families"]} == \
+            {f: b["families"][f]["accuracy"] for f in b["families"]}, a["round"]
