@@ -177,3 +177,14 @@ def test_rounds_whose_fusion_kept_the_averaged_model_are_marked_and_the_check_is
     assert plain.averaged_kept == [] and plain.check_seconds == [0.0, 0.0]
     assert data.overhead_seconds == pytest.approx([o - c for o, c in zip(plain.overhead_seconds, (0.7, 0.5))])
     assert png_size((tmp_path / "report.png").read_bytes()) == (1200, 900)
+
+
+def test_with_model_families_each_family_past_the_first_gets_its_own_accuracy_line(tmp_path):
+    rows = [{"round": r, "teacher": {"accuracy": 0.1 * r, "loss": 2.0 - r},
+             "families": {"large": {"accuracy": 0.1 * r, "loss": 2.0 - r},
+                          "small": {"accuracy": 0.2 * r, "loss": 1.5 - r}}} for r in range(3)]
+    data = plot_run(rows, "families", tmp_path / "report.png")
+    assert data.first_family == "large" and list(data.families) == ["small"]
+    assert data.families["small"]["accuracy"] == [0.0, 0.2, 0.4]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert series(rows[:1] + [{"round": 1, "teacher": {"accuracy": 0.5}}]).families["small"]["accuracy"] == [0.0, None]
