@@ -23,6 +23,9 @@ import torch
 from common.config import ConfigError, RunConfig
 
 RESUME_FILE = "resume.pt"
+# Keys added after checkpoints were first written, with the value that behaves as before them: a checkpoint
+# without the key resumes when the run keeps that value.
+ADDED_SINCE = {"model-families": "large", "small-partitions": ""}
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 MAY_CHANGE = ("num-server-rounds", "min-nodes", "node-wait-timeout", "round-timeout", "fraction-evaluate",
               "out-dir", "resume-from", "device", "deliver", "deliver-every")
@@ -103,6 +106,8 @@ def load(config: RunConfig) -> Resumable:
     for key, value in now.items():
         if key in MAY_CHANGE:
             continue
+        if key not in before and ADDED_SINCE.get(key, object()) == value:
+            continue  # a key added since, at the value that behaves as the older version did
         if key not in before:
             raise ConfigError(f"run config '{key}' did not exist in the run being resumed (written by another "
                               "version); start a new run")

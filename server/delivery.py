@@ -186,7 +186,8 @@ class Delivery:
         first; their nodes get that family's model as ``global`` (exported into ``folder/family-<name>``).
         """
         started = time.perf_counter()
-        placements = strategy.placements(grid)
+        placements = {node: place for node, place in strategy.placements(grid).items()
+                      if node not in strategy.left_out}  # nodes of a family this run does not federate
         rows = []
         for family, group in _by_family(strategy, placements, families or {}).items():
             chosen, scores, into = models, accuracies, folder

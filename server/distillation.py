@@ -66,7 +66,7 @@ def ensemble_probabilities(models: Iterable[nn.Module], images: torch.Tensor, de
         total = softened if total is None else total + softened
         count += 1
     if total is None:
-        raise ValueError("ensemble_logits needs at least one client model")
+        raise ValueError("the ensemble needs at least one client model")
     return total / count
 
 

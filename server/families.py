@@ -113,6 +113,9 @@ class ModelFamilies(Strategy):
         messages = []
         for family, strategy in self.strategies.items():
             members = [node for node in nodes if self.family(node) == family]
+            if not members:  # Flower's strategies wait with no deadline for at least one node
+                self.bytes_sent[family] = 0
+                continue
             ours = list(getattr(strategy, method)(server_round, self.sent[family], config, SampledGrid(grid, members)))
             for message in ours:  # Flower's strategies share one ConfigRecord between messages: replace, not edit
                 for key, record in list(message.content.config_records.items()):

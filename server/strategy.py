@@ -99,7 +99,8 @@ class DistillStrategy(Strategy):
         """The partition hand-out, for a resumed run to give each node the same data (``server/checkpoint.py``)."""
         return {"partition-of": {str(node): p for node, p in self.partition_of.items()},
                 "num-partitions": self.num_partitions,
-                "family-of": {str(node): f for node, f in self.aggregator.family_of.items()}}
+                "family-of": {str(node): f for node, f in self.aggregator.family_of.items()},
+                "left-out": sorted(self.left_out)}
 
     def load_partition_state(self, state: dict) -> None:
         """Restore :meth:`partition_state` (an empty dict: nothing handed out yet)."""
@@ -107,6 +108,7 @@ class DistillStrategy(Strategy):
             self.partition_of = {int(node): p for node, p in state["partition-of"].items()}
             self.num_partitions = int(state["num-partitions"])
             self.aggregator.family_of.update({int(node): f for node, f in state.get("family-of", {}).items()})
+            self.left_out.update(int(node) for node in state.get("left-out", []))
 
     def placements(self, grid: Grid) -> dict[int, tuple[int, int]]:
         """{node ID: (partition, num-partitions)} of every connected node; new nodes are handed one first."""

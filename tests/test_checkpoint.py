@@ -118,3 +118,19 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, conf
     report = RunReport(config, run_dir, test_set=None, device=torch.device("cpu"), resume_after=2)
     assert [r["round"] for r in report.rows] == [0, 1, 2]
     assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n{"round": 1}\n{"round": 2}\n'
+
+
+def test_a_checkpoint_from_before_model_families_resumes_at_their_defaults(tmp_path, config):
+    import dataclasses
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoint.save(run_dir, 1, config, nn.Linear(3, 2).state_dict(), {})
+    state = torch.load(run_dir / checkpoint.RESUME_FILE, weights_only=False)
+    for key in ("model-families", "small-partitions"):
+        del state["config"][key]  # written by the version before model families
+    torch.save(state, run_dir / checkpoint.RESUME_FILE)
+    later = dataclasses.replace(config, resume_from=str(run_dir), num_server_rounds=3)
+    assert checkpoint.load(later).round == 1
+    with pytest.raises(ConfigError, match="'model-families' did not exist in the run being resumed"):
+        checkpoint.load(dataclasses.replace(later, model_families="large,small"))

@@ -178,3 +178,21 @@ def test_a_bad_model_in_a_node_config_is_refused():
     with pytest.raises(ConfigError, match="node config 'model' = 'huge' is not allowed; use one of 'large', 'small'"):
         check_node_config({"model": "huge"})
     assert parse_families("large,small") == ("large", "small")
+
+
+def test_a_family_with_no_node_yet_is_skipped_not_waited_for(config):
+    # Flower's FedAvg would wait with no deadline for one node of the empty family
+    strategy, messages = mixed_strategy(config, {}, nodes=(1, 2))
+    assert {m.content["config"]["model-family"] for m in messages} == {"large"} and len(messages) == 2
+    replies = [train_reply({"w": np.full((4, 2), 2.0, np.float32)}, n, {"num-examples": 10}) for n in (1, 2)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(unpack(arrays, ("large", "small"))["small"]["w"].numpy(), SMALL["w"])
+
+
+def test_nodes_left_out_stay_out_in_a_resumed_run(config):
+    strategy = DistillStrategy(build_aggregator(config))
+    strategy.fraction_train = 0.99
+    strategy.configure_train(1, record(LARGE), ConfigRecord({}), FakeGrid([1, 2], node_configs={2: {"model": "small"}}))
+    resumed = DistillStrategy(build_aggregator(config))
+    resumed.load_partition_state(strategy.partition_state())
+    assert resumed.left_out == {2}
