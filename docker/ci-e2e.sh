@@ -12,8 +12,10 @@
 #    it, served over loopback (no package index inside the build);
 # 4. makes a CA, server certificate and 3 SuperNode keys (docker/make-certs.sh),
 #    brings the stack up with TLS, SuperNode authentication and 3 clients;
-# 5. runs the app for 2 rounds with distillation (one-shot `runner` service),
-#    checks the run ended `finished:completed` (also from the host's flwr CLI
+# 5. runs the app for 2 rounds with distillation and local DP on a mixed fleet
+#    (2 clients train the large CNN, 1 the small one; one-shot `runner` service),
+#    checks that each model family improved on the server's test set, that
+#    the run ended `finished:completed` (also from the host's flwr CLI
 #    when there is one), that the outputs are on the `outputs` volume, and that
 #    every client's tasks ran on its warm executor (FLD_EXECUTOR=warm, forked
 #    from the warm parent, not fresh flwr-clientapp processes);

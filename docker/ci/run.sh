@@ -17,14 +17,17 @@ submit_run() {  # args: log file; FLD_RUN_CONFIG set; sets run_id and status, fa
     echo "run $run_id: $status"
 }
 
-step "run: $ROUNDS rounds with distillation on $CLIENTS clients (one-shot runner)"
+step "run: $ROUNDS rounds with distillation on $CLIENTS clients, model families large and small (one-shot runner)"
 run_extra=()
 if [ -n "${E2E_APP_DIR:-}" ]; then
     run_extra=(-v "$(cd "$E2E_APP_DIR" && pwd):/e2e-app:ro" -e FLD_APP_DIR=/e2e-app)
     echo "submitting $E2E_APP_DIR instead of the image's /app"
 fi
-# Local DP on: the mod runs in every client container, the accountant in the SuperLink's (the dp extra).
-export FLD_RUN_CONFIG="num-server-rounds=$ROUNDS min-nodes=$CLIENTS distill=\"global\" dp=\"local\" dp-clipping-norm=0.1 dp-local-epsilon=50 ${E2E_RUN_CONFIG:-}"
+# Local DP on: the mod runs in every client container, the accountant in the SuperLink's (the dp extra);
+# noise small enough to learn in 2 rounds. A mixed fleet: the node given the last partition trains the
+# small CNN (small-partitions), the others the large one; each family is checked to improve below.
+SMALL_PARTITION=$((CLIENTS - 1))
+export FLD_RUN_CONFIG="num-server-rounds=$ROUNDS min-nodes=$CLIENTS distill=\"global\" dp=\"local\" dp-clipping-norm=1 dp-local-epsilon=1000 model-families=\"large,small\" small-partitions=\"$SMALL_PARTITION\" ${E2E_RUN_CONFIG:-}"
 export FLD_WAIT_FOR_NODES=$CLIENTS FLD_RUN_TIMEOUT=$RUN_TIMEOUT
 submit_run "$work/run.log"
 
@@ -64,6 +67,20 @@ docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint bash "$SUPERLIN
     grep -q '\"mechanism\": \"local\"' summary.json || { echo 'no local-DP epsilon in summary.json'; exit 1; }
     echo '--- metrics.jsonl (last 3 lines)'; tail -n 3 metrics.jsonl | cut -c1-400
 " || fail "outputs of run $run_id incomplete on the volume"
+
+step "model families: each family's global model improved on the server's test set"
+docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint python "$SUPERLINK_IMAGE" -c '
+import json, sys
+rows = [json.loads(line) for line in open(f"/outputs/{sys.argv[1]}/metrics.jsonl")]
+first, last = rows[0]["families"], rows[-1]["families"]
+for family in ("large", "small"):
+    before, after = first[family]["accuracy"], last[family]["accuracy"]
+    valid, received = last[family]["valid"], last[family]["bytes-received"]
+    print(f"{family}: test acc {before:.3f} at round 0 -> {after:.3f} at round {len(rows) - 1}, "
+          f"{valid} valid replies, {received} bytes received in the last round")
+    assert valid >= 1, f"no valid {family} reply in the last round"
+    assert after > before + 0.2, f"the {family} family did not improve"
+' "$run_id" || fail "a model family of run $run_id did not improve"
 
 step "warm executor: every ClientApp task forked from its client's warm parent"
 client_logs=$(compose logs --no-color client)
