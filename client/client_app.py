@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.delivery import deliver
+from client.example_dp import train_private
 from client.local_dp import local_dp
 from common.config import ConfigError, RunConfig, check_node_config
 from common.data import Dataset, client_set
@@ -79,6 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     One message per round: the reply carries the new weights, the train metrics
     and the received model's local ``eval-loss`` / ``eval-accuracy`` (before
     training), so no separate evaluate message is needed (``fraction-evaluate=0``).
+    With dp = 'example' the training is DP-SGD and the metrics carry its mechanism and ε.
     With aggregation = 'fedprox' the config record carries ``proximal-mu``, the
     weight of local training's proximal term (absent: 0, plain SGD).
     """
@@ -88,8 +90,12 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {f"eval-{k}": v for k, v in evaluate(model, data, device).items()}
     evaluated = time.perf_counter()
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by FedProx's configure_train
-    metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device,
-                               shuffle_seed(config, msg, context), proximal_mu=proximal_mu))
+    seed = shuffle_seed(config, msg, context)
+    if config.dp == "example":  # DP-SGD, per-example clipping and noise (client/example_dp.py)
+        metrics.update(train_private(model, data, config, device, seed, float(msg.content["config"]["dp-delta"])))
+    else:
+        metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, seed,
+                                   proximal_mu=proximal_mu))
     metrics.update({"num-examples": len(data), "eval-seconds": evaluated - started, "train-seconds": time.perf_counter() - evaluated})
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -23,7 +23,7 @@ DISTILL_MODES = ("off", "global", "ensemble")
 DISTILL_TARGETS = ("student", "global", "both")
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "trimmed-mean", "median")
-DP_MODES = ("off", "central", "local")
+DP_MODES = ("off", "central", "local", "example")
 DELIVERIES = ("auto", "student", "global", "both", "none")
 FUSION_CHECKS = ("clients", "proxy")
 
@@ -40,8 +40,8 @@ def _parses(parse: Callable[[str], Any], allowed: str) -> tuple[Callable[[Any], 
     def ok(v: Any) -> bool:
         try:
             parse(v)
-        except FamilyError:
-            return False
+        except FamilyError as err:  # its message says which part is wrong
+            raise ConfigError(f"run config {err}") from None
         return True
 
     return ok, allowed
@@ -104,6 +104,9 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "dp-noise-multiplier": (float, _range(0)),
     "dp-local-epsilon": (float, _range(0, lo_open=True)),
     "dp-delta": (float, ((lambda v: 0 <= v < 1), "a number >= 0 and < 1 (0: 1 / the number of pool examples)")),
+    "dp-example-noise-multiplier": (float, _range(0, lo_open=True)),
+    "dp-example-epsilon": (float, _range(0)),
+    "dp-example-clipping-norm": (float, _range(0, lo_open=True)),
     "resume-from": (str, ((lambda v: True), "'' for a new run, or the folder of the run to continue")),
     "device": (str, _choice(DEVICES)),
     "deliver": (str, _choice(DELIVERIES)),
@@ -234,6 +237,9 @@ class RunConfig:
     dp_noise_multiplier: float
     dp_local_epsilon: float
     dp_delta: float
+    dp_example_noise_multiplier: float
+    dp_example_epsilon: float
+    dp_example_clipping_norm: float
     resume_from: str
     device: str
     deliver: str
@@ -284,6 +290,11 @@ class RunConfig:
                 f"run config 'deliver' = {config.deliver!r} needs a student, and distill = {config.distill!r} with "
                 f"distill-target = {config.distill_target!r} trains none; use deliver = 'global' (or 'auto'), or "
                 "distill-target = 'both'")
+        if config.dp == "example" and config.aggregation == "fedprox":
+            raise ConfigError(
+                "run config 'dp' = 'example' with 'aggregation' = 'fedprox' is refused: DP-SGD clips and noises "
+                "each example's gradient, and FedProx's proximal term is not per example (Opacus would drop it); "
+                "use aggregation = 'fedavg' or another one")
         if config.aggregation == "fedprox" and config.proximal_mu == 0:
             raise ConfigError(
                 "run config 'proximal-mu' = 0 with aggregation = 'fedprox' is refused: without the proximal term "

@@ -144,6 +144,8 @@ def device_table(rows: list[dict]) -> str:
                          f"{row['status']}: {row['error']}")
             continue
         for name, m in row["models"].items():
+            if name == "global" and row.get("model-family"):
+                name = f"global-{row['model-family']}"
             def number(key: str, fmt: str) -> str:
                 return format(m[key], fmt) if key in m else "-"
             kb = format(m["bytes"] / 1e3, ".0f") if "bytes" in m else "-"
@@ -199,11 +201,14 @@ class Delivery:
                 scores["student-int8"] = accuracies["student-int8"] = quantization.onnx_accuracy(
                     files["student-int8"]["onnx"], self.test_set.images, self.test_set.labels)
             blobs, manifest = build_package(files, scores, self.run_id, server_round, self.config)
+            if family and "global" in manifest["models"]:  # several families: say which one this node's global is
+                manifest["models"]["global"]["model-family"] = family
             dirs = None
             if self.simulation:
                 dirs = {node: str((self.run_dir / "devices" / f"partition-{p}").resolve())
                         for node, (p, _) in group.items()}
-            rows += deliver(grid, group, blobs, manifest, self.config.round_timeout, dirs)
+            delivered = deliver(grid, group, blobs, manifest, self.config.round_timeout, dirs)
+            rows += [{**row, "model-family": family} if family else row for row in delivered]
         for row in rows:
             row["round"] = server_round
         return sorted(rows, key=lambda row: (row["partition"], row["node-id"])), time.perf_counter() - started

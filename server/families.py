@@ -177,6 +177,43 @@ def _weighted(per_family: dict[str, tuple[MetricRecord, int]]) -> MetricRecord |
                          if all(isinstance(m[key], (int, float)) for m, _ in per_family.values())})
 
 
+def family_roster(families: ModelFamilies, partition_of: dict[int, int], nodes: list[int],
+                  num_partitions: int) -> tuple[str, list[str]]:
+    """Which of ``nodes`` train which family ('large: 3 node(s), partitions 0-2; ...'), and a warning per
+    family that none of them trains: its model would stay at its initial weights, yet be reported and
+    exported. ``partition_of``: node -> partition (taken modulo ``num_partitions``)."""
+    members: dict[str, list[int]] = {family: [] for family in families.families}
+    for node in nodes:
+        members.setdefault(families.family(node), []).append(partition_of[node] % num_partitions)
+    line = "; ".join(f"{family}: {len(parts)} node(s), partitions {_ranges(sorted(set(parts)))}"
+                     for family, parts in members.items() if family in families.strategies)
+    warnings = []
+    for rank, family in enumerate(families.families):
+        if members[family]:
+            continue
+        rule = (f"no node declares model = {family!r} and small-partitions names none of partitions 0-{num_partitions - 1}"
+                if family == "small" else
+                f"no node declares model = {family!r}, and every partition is in small-partitions" if rank == 0 else
+                f"no node declares model = {family!r}; nodes without one train the first family, "
+                f"{families.families[0]!r}")
+        role = "the global model (the teacher" + (", which the student learns from)" if rank == 0 else ")")
+        warnings.append(f"model family {family!r} has none of the {len(nodes)} node(s): {rule}; its model"
+                        f"{' (' + role + ')' if rank == 0 else ''} stays at its initial weights, and is still "
+                        "reported and exported")
+    return line, warnings
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans) or "none"
+
+
 def family_stats(families: ModelFamilies, replies: list[Message], valid: list[Message]) -> dict:
     """Per model family this round: nodes sent to / heard from / valid, bytes of models sent and received."""
     stats = {}

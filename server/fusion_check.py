@@ -129,14 +129,15 @@ class FusionCheck:
 
     def run(self, grid: Grid, placements: dict[int, tuple[int, int]], server_round: int,
             candidates: dict[str, ArrayRecord], proxy_choice: str, received: dict[int, dict] | None = None,
-            family: str = "large") -> dict:
+            family: str = "large", named: bool = False) -> dict:
         """One check; returns :func:`choose`'s verdict plus ``asked``, ``seconds`` and ``bytes-sent``.
 
         ``placements``: {node ID: (partition, num-partitions)} of the nodes that may be asked (this round's
         clients), sampled in partition order. ``candidates``: {name: model} sent to each (the averaged model
         first). ``received``: as in :func:`choose`. ``bytes-sent`` counts the models' serialised array bytes
         in all messages; each reply is ``num-examples`` plus two numbers per candidate. ``family``: the
-        candidates' model family (``model-family`` in the messages' config), the asked nodes' own.
+        candidates' model family (``model-family`` in the messages' config), the asked nodes' own;
+        ``named``: name it in the log line (a run of several families).
         """
         started = time.perf_counter()
         ordered = sorted(placements, key=lambda node: (placements[node][0], node))
@@ -160,7 +161,7 @@ class FusionCheck:
                 len(verdict["failed"]), len(verdict["rejected"]), len(chosen) - len(replies), proxy_choice)
         else:
             log(INFO, "fl-distill: round %d: fusion check%s: %s kept (clients' accuracy %s), %d of %d node(s), %d "
-                "examples", server_round, "" if family == "large" else f" of family {family!r}", verdict["kept"],
+                "examples", server_round, f" of family {family!r}" if named else "", verdict["kept"],
                 ", ".join(f"{name} {acc:.4f}" for name, acc in verdict["accuracy"].items()),
                 verdict["answered"], len(chosen), verdict["examples"])
         for rejection in verdict["rejected"]:

@@ -70,6 +70,22 @@ def local_noise_multiplier(epsilon: float, delta: float) -> float:
     return math.sqrt(2 * math.log(1.25 / delta)) / epsilon
 
 
+def central_noise_problem(num_weights: int, noise_multiplier: float, clipping_norm: float, clients: int) -> str | None:
+    """Why central DP cannot learn here, or None: the noise on the mean, σ·C/m per coordinate (std), has
+    expected L2 norm about √d·σ·C/m over the model's d weights; above C it outweighs every clipped update
+    (whose mean is at most C long). McMahan et al. 2018 (DP-FedAvg) train with thousands of users a round."""
+    noise_norm = math.sqrt(num_weights) * noise_multiplier * clipping_norm / max(clients, 1)
+    if noise_norm <= clipping_norm:
+        return None
+    needed = math.ceil(math.sqrt(num_weights) * noise_multiplier)
+    return (f"central DP's noise on the mean is about sqrt(d)*sigma*C/m = {noise_norm:.3g} in L2 norm (d = {num_weights:,} "
+            f"weights, noise multiplier sigma = {noise_multiplier:g}, C = {clipping_norm:g}, m = {clients} clients this "
+            f"round), above the clipping norm C = {clipping_norm:g} that bounds the mean of the updates: the noise "
+            f"outweighs what the clients learn. It needs m >= {needed:,} clients a round at this sigma, or a noise "
+            f"multiplier <= {clients / math.sqrt(num_weights):.3g} (a larger epsilon), or dp = 'example' (DP-SGD on "
+            "each client, a guarantee per example)")
+
+
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping, told each round how many clients it sampled, with uniform weights.
 
@@ -87,6 +103,12 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.num_sampled_clients = max(len(list(grid.get_node_ids())), 1)
+        if not getattr(self, "_noise_checked", False):  # once, in the first round, when m is known
+            self._noise_checked = True
+            num_weights = sum(array.numpy().size for array in arrays.values())
+            if problem := central_noise_problem(num_weights, self.noise_multiplier, self.clipping_norm,
+                                                self.num_sampled_clients):
+                log(WARNING, "fl-distill: %s", problem)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -144,7 +166,7 @@ class PrivacyLedger:
             count = self.central.accountant.num_releases if self.central.accountant else 0
             # Noise multiplier 0: clipping without noise, no privacy at all.
             epsilon = self.central.accountant.get_epsilon(self.delta) if self.central.accountant else math.inf
-        return {"mechanism": self.mechanism, "epsilon": epsilon, "delta": self.delta,
+        return {"mechanism": self.mechanism, "unit": "client", "epsilon": epsilon, "delta": self.delta,
                 "noise-multiplier": self.noise_multiplier, "releases": count}
 
     @property
@@ -169,13 +191,93 @@ class PrivacyLedger:
             self.central.accountant.load_state_dict(state["central"])
 
 
-def with_privacy(aggregator: FedAvg, config: RunConfig) -> tuple[FedAvg | CentralDP, PrivacyLedger | None]:
+Mechanism = tuple[float, float, int]  # one DP-SGD round of a client: (noise multiplier σ, sample rate q, steps)
+
+
+def dp_sgd_epsilon(history: list[Mechanism], delta: float) -> float:
+    """ε(δ) of DP-SGD rounds composed: Opacus's RDP accountant (``opacus/accountants/rdp.py``; Mironov et al.
+    2019, "Rényi Differential Privacy of the Sampled Gaussian Mechanism"), the one the clients report with."""
+    if not history:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in history):
+        return math.inf
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
+
+
+DP_SGD_KEYS = ("dp-noise-multiplier", "dp-sample-rate", "dp-steps")
+
+
+def dp_sgd_rounds(replies: Iterable[Message]) -> list[dict]:
+    """The DP-SGD round each reply reports (``node-id``, :data:`DP_SGD_KEYS`, its ``dp-epsilon``); [] when none does.
+
+    Every reply that is not an error counts, a rejected one included: it left its node."""
+    rows = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        for record in reply.content.metric_records.values():
+            if all(key in record for key in DP_SGD_KEYS):
+                rows.append({"node-id": reply.metadata.src_node_id, **{k: record[k] for k in DP_SGD_KEYS},
+                             "dp-epsilon": record.get("dp-epsilon", math.inf)})
+                break
+    return rows
+
+
+class ExampleLedger:
+    """``dp = "example"``: each client's DP-SGD rounds (``client/example_dp.py``), composed; the worst client's ε.
+
+    Every reply that left a node reports its round's σ, q and steps (``stats['dp-replies']``, rejected
+    replies included: the server saw them); a client's ε composes all its rounds in this run. After a
+    resume (node IDs may be new), every client is charged the worst client's rounds before it too: an
+    upper bound, never an undercount. The guarantee is per example of a client's data, not per client.
+    """
+
+    mechanism = "example"
+
+    def __init__(self, config: RunConfig, pool_size: int):
+        self.delta = privacy_delta(config, pool_size)
+        self.history: dict[int, list[Mechanism]] = {}
+        self.before: list[Mechanism] = []  # resumed run: the worst client's rounds before the resume
+
+    def record_round(self, stats: dict) -> dict:
+        """The privacy block of this round's metrics line."""
+        for reply in stats.get("dp-replies", []):
+            self.history.setdefault(int(reply["node-id"]), []).append(
+                (float(reply["dp-noise-multiplier"]), float(reply["dp-sample-rate"]), int(reply["dp-steps"])))
+        worst = self._worst()
+        return {"mechanism": self.mechanism, "unit": "example", "epsilon": dp_sgd_epsilon(worst, self.delta),
+                "delta": self.delta, "noise-multiplier": min((m[0] for m in worst), default=0.0),
+                "releases": sum(m[2] for m in worst)}
+
+    def _worst(self) -> list[Mechanism]:
+        histories = [self.before + h for h in self.history.values()] or [self.before]
+        return max(histories, key=lambda h: dp_sgd_epsilon(h, self.delta))
+
+    def state_dict(self) -> dict:
+        return {"example-before": [list(m) for m in self._worst()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = [(float(s), float(q), int(n)) for s, q, n in state.get("example-before", [])]
+
+
+def with_privacy(aggregator: FedAvg, config: RunConfig
+                 ) -> tuple[FedAvg | CentralDP, PrivacyLedger | ExampleLedger | None]:
     """The aggregation layer with ``config.dp`` applied, and the ledger that reports ε (None when dp is off)."""
     if config.dp == "off":
         return aggregator, None
     pool_size = data.pool_size(config)
     if config.dp == "local":
         return aggregator, PrivacyLedger(config, pool_size)
+    if config.dp == "example":
+        try:
+            import opacus  # noqa: F401  (the clients train with it, the ledger composes with its accountant)
+        except ImportError as err:
+            raise ConfigError("run config dp = 'example' needs Opacus: pip install '.[dp]'") from err
+        return aggregator, ExampleLedger(config, pool_size)
     delta = privacy_delta(config, pool_size)
     # The population bounds the number of clients (each holds >= 1 pool example); without amplification
     # it does not change ε.

@@ -201,9 +201,13 @@ def fusion_text(fusion: dict, kept_step: int | None = None) -> str:
 
 
 def privacy_text(privacy: dict) -> str:
-    """'ε 3.54 (δ 0.001, central DP)': the privacy spent so far, for log lines."""
-    per_client = ", per client" if privacy["mechanism"] == "local" else ""
-    return f"ε {privacy['epsilon']:.3g} (δ {privacy['delta']:.3g}, {privacy['mechanism']} DP{per_client})"
+    """'ε 3.54 (δ 0.001, central DP, client-level)': the privacy spent so far, for log lines.
+
+    Client-level (central, local): whether a client took part; example-level: whether one example of
+    a client's data did, for the worst client (rows before ``unit`` existed: local read per client)."""
+    unit = privacy.get("unit", "client")
+    worst = ", worst client" if privacy["mechanism"] in ("local", "example") else ""
+    return f"ε {privacy['epsilon']:.3g} (δ {privacy['delta']:.3g}, {privacy['mechanism']} DP, {unit}-level{worst})"
 
 
 def summary_table(summary: dict) -> str:

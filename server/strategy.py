@@ -21,10 +21,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
 
+from common.config import ConfigError
 from common.model_families import pack, unpack
 from server.distillation import ServerDistillation
-from server.families import ModelFamilies, family_stats
+from server.families import ModelFamilies, family_roster, family_stats
 from server.fusion_check import FusionCheck
+from server.privacy import dp_sgd_rounds
 from server.sampling import SampledGrid, ask_nodes, sample, wait_for_nodes
 from server.validation import clip_update
 
@@ -89,6 +91,7 @@ class DistillStrategy(Strategy):
         self.rng = random.Random(sampling_seed)
         self.partition_of: dict[int, int] = {}
         self.left_out: set[int] = set()  # nodes that declared a model family this run does not federate
+        self._families_checked = False  # small-partitions checked against the partitions (first hand-out)
         self.round_stats: dict[int, dict] = {}
         self.fusion_check = fusion_check
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
@@ -199,6 +202,23 @@ class DistillStrategy(Strategy):
                 log(WARNING, "fl-distill: node %d declares model = %r, which this run does not federate "
                     "(model-families = %s); it is left out of every round", node, family,
                     ",".join(self.aggregator.families))
+        if len(self.aggregator.families) > 1:
+            self._check_families([node for node in connected if node not in self.left_out])
+
+    def _check_families(self, nodes: list[int]) -> None:
+        """Log which node trains which family; warn of a family no node trains. The first time, when the
+        number of partitions is fixed, a ``small-partitions`` number past it is an error (it would be ignored)."""
+        small = self.aggregator.small_partitions
+        if not self._families_checked and small and max(small) >= self.num_partitions:
+            raise ConfigError(f"run config 'small-partitions' names partition {max(small)}, but this run has "
+                              f"partitions 0 to {self.num_partitions - 1} (num-partitions = {self.num_partitions}: "
+                              "set in the run config, by the simulation's clients, or one per node connected in "
+                              "round 1); name partitions below it")
+        self._families_checked = True
+        line, warnings = family_roster(self.aggregator, self.partition_of, nodes, self.num_partitions)
+        log(INFO, "fl-distill: model families: %s", line)
+        for warning in warnings:
+            log(WARNING, "fl-distill: %s", warning)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -254,6 +274,8 @@ class DistillStrategy(Strategy):
             "clients": clients,
             "aggregated": arrays is not None,
         }
+        if released := dp_sgd_rounds(replies):  # dp = 'example': every reply that left a node, rejected ones too
+            stats["dp-replies"] = released
         if mixed:
             stats["families"] = family_stats(families, replies, valid)
         if arrays is not None and self.distillation is not None:
@@ -287,7 +309,7 @@ class DistillStrategy(Strategy):
         placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
         candidates = {"averaged": averaged} if proxy_choice == "averaged" else {"averaged": averaged, "fused": fused}
         verdict = self.fusion_check.run(self._grid, placements, true_round, candidates, proxy_choice, received,
-                                        family=family)
+                                        family=family, named=len(self.aggregator.families) > 1)
         previous = self.aggregator.sent[family]
         return {"averaged": averaged, "fused": fused, "previous": previous}[verdict["kept"]], verdict
 

@@ -32,7 +32,10 @@ def test_defaults_parse_into_typed_config(config):
         ("server-momentum", 1.0, "< 1"),
         ("server-lr", 0.0, "> 0"),
         ("server-tau", 0.0, "> 0"),
-        ("dp", "on", "'off', 'central', 'local'"),
+        ("dp", "on", "'off', 'central', 'local', 'example'"),
+        ("dp-example-noise-multiplier", 0.0, "> 0"),
+        ("dp-example-epsilon", -1.0, ">= 0"),
+        ("dp-example-clipping-norm", 0.0, "> 0"),
     ],
 )
 def test_out_of_range_value_names_key_value_and_allowed(raw_config, key, value, allowed):
@@ -91,3 +94,9 @@ def test_server_optimiser_defaults_parse(raw_config, aggregation):
 def test_a_quoted_boolean_is_refused_saying_true_or_false(raw_config):
     with pytest.raises(ConfigError, match="'proxy-labelled' = 'maybe' has type str; expected bool; use true or false"):
         RunConfig.from_mapping({**raw_config, "proxy-labelled": "maybe"})
+
+
+def test_example_level_dp_refuses_fedprox_whose_proximal_term_is_not_per_example(raw_config):
+    raw_config.update({"dp": "example", "aggregation": "fedprox", "proximal-mu": 0.01})
+    with pytest.raises(ConfigError, match="'dp' = 'example' with 'aggregation' = 'fedprox' is refused"):
+        RunConfig.from_mapping(raw_config)

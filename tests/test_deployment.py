@@ -355,3 +355,5 @@ def test_a_supernode_declaring_the_small_model_trains_and_receives_the_small_fam
     delivered = torch.jit.load(str(next((home / "models-2").rglob("global.pt"))))
     first_layer = dict(delivered.named_parameters())["features.0.weight"]
     assert first_layer.shape[0] == 32  # the small CNN's first layer, not the large one's 64
+    manifest = json.loads(next((home / "models-2").rglob("manifest.json")).read_text())
+    assert manifest["models"]["global"]["model-family"] == "small"  # the node's files say which family it holds

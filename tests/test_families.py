@@ -15,7 +15,7 @@ from common.models import build_model
 from common.training import predict_logits
 from server.aggregation import build_aggregator
 from server.distillation import ServerDistillation, ensemble_logits
-from server.families import ModelFamilies, record_bytes
+from server.families import ModelFamilies, family_roster, record_bytes
 from server.strategy import DistillStrategy
 from tests.fakes import FakeGrid, train_reply
 
@@ -154,7 +154,8 @@ def test_small_partitions_are_numbers_and_ranges(spec, parsed):
     ("model-families", "large,tiny", "'model-families' = 'large,tiny' is not allowed; use a comma-separated list"),
     ("model-families", "small,small", "'model-families' = 'small,small' is not allowed"),
     ("model-families", "", "'model-families' = '' is not allowed"),
-    ("small-partitions", "3-1", "'small-partitions' = '3-1' is not allowed; use '' (none) or partition numbers"),
+    ("small-partitions", "3-1", "'small-partitions' = '3-1' is not allowed: '3-1' is neither a partition number >= 0 "
+                                "nor a range a-b with a <= b"),
     ("small-partitions", "a", "'small-partitions' = 'a' is not allowed"),
     ("small-partitions", "0-4", "needs 'small' in 'model-families'"),
 ])
@@ -196,3 +197,20 @@ def test_nodes_left_out_stay_out_in_a_resumed_run(config):
     resumed = DistillStrategy(build_aggregator(config))
     resumed.load_partition_state(strategy.partition_state())
     assert resumed.left_out == {2}
+
+
+def test_which_node_trains_which_family_is_said_and_a_family_no_node_trains_is_warned_of(config):
+    strategy, _ = mixed_strategy(config, {1: {"model": "small"}}, nodes=(1, 2, 3))
+    line, warnings = family_roster(strategy.aggregator, strategy.partition_of, [1, 2, 3], strategy.num_partitions)
+    assert line == "large: 2 node(s), partitions 1-2; small: 1 node(s), partitions 0" and warnings == []
+    strategy, _ = mixed_strategy(config, {}, nodes=(1, 2, 3))  # nobody small: its model would stay untrained
+    _, warnings = family_roster(strategy.aggregator, strategy.partition_of, [1, 2, 3], strategy.num_partitions)
+    assert len(warnings) == 1 and "model family 'small' has none of the 3 node(s)" in warnings[0]
+    strategy, _ = mixed_strategy(config, {}, nodes=(1, 2), small_partitions=frozenset({0, 1}))  # nobody large
+    _, warnings = family_roster(strategy.aggregator, strategy.partition_of, [1, 2], strategy.num_partitions)
+    assert "'large' has none" in warnings[0] and "the global model (the teacher, which the student" in warnings[0]
+
+
+def test_small_partitions_past_the_runs_partitions_are_refused_once_they_are_known(config):
+    with pytest.raises(ConfigError, match="names partition 7, but this run has partitions 0 to 2"):
+        mixed_strategy(config, {}, nodes=(1, 2, 3), small_partitions=frozenset({2, 7}))

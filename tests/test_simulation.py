@@ -110,7 +110,8 @@ def test_a_changed_learning_key_on_resume_is_refused_at_start(superlink, tmp_pat
 
 DP_CELLS = [(distill, dp, "fedavg") for distill in ("off", "global", "ensemble") for dp in ("central", "local")
             if (distill, dp) != ("ensemble", "central")] + [("ensemble", "local", "median"),
-                                                            ("global", "local", "trimmed-mean")]
+                                                            ("global", "local", "trimmed-mean"),
+                                                            ("ensemble", "example", "median")]
 
 
 @pytest.mark.parametrize("distill, dp, aggregation", DP_CELLS)
@@ -129,6 +130,11 @@ def test_every_allowed_distill_and_dp_combination_completes_and_reports_epsilon(
     summary = json.loads((out / str(run_id) / "summary.json").read_text())
     assert summary["privacy"]["epsilon"] == epsilons[1]
     assert any(f"ε {epsilons[1]:.3g}" in line for line in lines)  # progress line and summary table
+    # 2 clients a round cannot carry central DP's noise on the 342k-weight model: said at start
+    assert any("central DP's noise on the mean" in line for line in lines) == (dp == "central")
+    if dp == "example":  # DP-SGD on every client: each reports its round, the server the worst client's ε
+        assert rows[2]["privacy"]["unit"] == "example"
+        assert all(c["dp-steps"] > 0 and 0 < c["dp-epsilon"] < epsilons[1] for c in rows[2]["clients"])
 
 
 def test_central_dp_with_the_ensemble_teacher_stops_at_start_saying_why(superlink, tmp_path):
