@@ -1,13 +1,23 @@
 """What differential privacy costs: accuracy against the ε it buys, same seeds, rounds and clients.
 
     python -m bench.privacy [--seeds 2] [--rounds 8] [--clients 10]
+    python -m bench.privacy example    # example-level DP on the distillation benchmark's protocol
+    python -m bench.privacy clients    # central DP against the number of clients per round
 
-Runs the shipped app in simulation with ``distill="global"`` (teacher = the
+Without a part, runs the shipped app in simulation with ``distill="global"`` (teacher = the
 aggregate, student distilled from it) for ``dp`` off, central at noise
 multipliers 0.3, 0.7 and 1.0, and local (``dp-local-epsilon`` per round), all
 at ``dp-clipping-norm`` ``--clipping-norm``. Prints teacher and student accuracy
 and the final ε (mean ± sd over seeds) and writes
 ``bench/results/privacy/{results.json,table.md,accuracy-vs-epsilon.png}``.
+
+``example``: mnist-5k with ``bench.distill_benchmark``'s protocol (20 clients, ``fraction-train`` 0.4,
+5 rounds, 1 local epoch), ``dp`` off against ``dp="example"`` at a target ε of 8 per client (δ = 1/pool,
+below 1/n for every client), at the default batch size and at 64; writes ``bench/results/privacy/example/``.
+
+``clients``: mnist-5k, every client trains every round (``fraction-train`` 1), m = 10, 100 and 500
+virtual clients, central DP at noise 1.0 against ``dp`` off at the same m; accuracy and ε against m, and
+the noise on the mean √d·σ·C/m beside it; writes ``bench/results/privacy/clients-per-round/``.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 from bench.distill_benchmark import mean_sd, run_one, simulation_superlink
 from scripts import launch
@@ -29,17 +40,50 @@ SETTINGS = {  # name -> run-config overrides
 }
 
 
-def table(results: list[dict]) -> str:
+EXAMPLE_PROTOCOL = 'dataset="mnist-5k" fraction-train=0.4 local-epochs=1 distill-steps=50 deliver="none"'
+EXAMPLE_SETTINGS = {
+    "dp off": 'dp="off"',
+    "example, target ε 8": 'dp="example" dp-example-epsilon=8',
+    "example, target ε 8, batch 64": 'dp="example" dp-example-epsilon=8 batch-size=64',
+}
+CLIENT_COUNTS = (10, 100, 500)
+CLIENTS_PROTOCOL = 'dataset="mnist-5k" fraction-train=1.0 local-epochs=1 distill="off" min-nodes=2 deliver="none"'
+CLIENTS_SETTINGS = {"dp off": 'dp="off"', "central, noise 1.0": 'dp="central" dp-noise-multiplier=1.0'}
+
+
+def epsilon_text(last: list[dict]) -> str:
+    """Mean final ε over seeds, with δ and whose ε it is, from the last metrics rows."""
+    privacy = [row["privacy"] for row in last if "privacy" in row]
+    if not privacy:
+        return "∞ (no DP)"
+    unit = {"local": ", per client", "example": ", per example, worst client"}.get(privacy[0]["mechanism"], "")
+    return f"{statistics.mean(p['epsilon'] for p in privacy):.3g} ({privacy[0]['delta']:.2g}{unit})"
+
+
+def table(results: list[dict], settings: dict = SETTINGS) -> str:
     lines = ["| dp | teacher acc | student acc | final ε (δ) |", "|---|---|---|---|"]
-    for name in SETTINGS:
+    for name in settings:
         runs = [r for r in results if r["setting"] == name]
         last = [r["rows"][-1] for r in runs]
-        privacy = [row["privacy"] for row in last if "privacy" in row]
-        epsilon = (f"{statistics.mean(p['epsilon'] for p in privacy):.3g} ({privacy[0]['delta']:.2g}"
-                   f"{', per client' if privacy[0]['mechanism'] == 'local' else ''})" if privacy else "∞ (no DP)")
         lines.append(f"| {name} | {mean_sd([row['teacher']['accuracy'] for row in last])} | "
-                     f"{mean_sd([row['student']['accuracy'] for row in last])} | {epsilon} |")
+                     f"{mean_sd([row['student']['accuracy'] for row in last])} | {epsilon_text(last)} |")
     return "\n".join(lines)
+
+
+def clients_table(results: list[dict], rounds: int) -> str:
+    """Accuracy and ε against m, with the noise on the mean (√d·σ·C/m, server/privacy.py) at each m."""
+    lines = ["| clients per round m | dp | teacher acc | final ε (δ) | noise on the mean √d·σ·C/m vs C |",
+             "|---|---|---|---|---|"]
+    for m in CLIENT_COUNTS:
+        for name in CLIENTS_SETTINGS:
+            last = [r["rows"][-1] for r in results if r["setting"] == name and r["clients"] == m]
+            if not last:
+                continue
+            noise = (f"{r['noise-norm']:.3g} vs 1" if (r := next(r for r in results if r["setting"] == name
+                                                                 and r["clients"] == m)).get("noise-norm") else "-")
+            lines.append(f"| {m} | {name} | {mean_sd([row['teacher']['accuracy'] for row in last])} | "
+                         f"{epsilon_text(last)} | {noise} |")
+    return f"mnist-5k, {rounds} rounds, every client every round, clipping norm 1\n\n" + "\n".join(lines)
 
 
 def plot(results: list[dict], path) -> None:
@@ -68,30 +112,69 @@ def plot(results: list[dict], path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--clipping-norm", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    out = launch.REPO / "bench" / "results" / "privacy"
-    out.mkdir(parents=True, exist_ok=True)
+def run_part(part: str, args: argparse.Namespace, out) -> str:
+    """Run one part's settings on one SuperLink; its table (also written to ``out``)."""
+    import math
+
+    from common.data import SHAPES_AND_CLASSES
+    from common.models import build_model
+
     results = []
     with simulation_superlink(out) as home:
-        for name, overrides in SETTINGS.items():
+        if part == "settings":
+            grid = [(name, f'distill="global" {o} dp-clipping-norm={args.clipping_norm:g}', args.clients)
+                    for name, o in SETTINGS.items()]
+        elif part == "example":
+            grid = [(name, f"{EXAMPLE_PROTOCOL} {o}", args.clients) for name, o in EXAMPLE_SETTINGS.items()]
+        else:
+            grid = [(name, f"{CLIENTS_PROTOCOL} {o}", m) for m in CLIENT_COUNTS for name, o in CLIENTS_SETTINGS.items()]
+        for name, overrides, clients in grid:
             for seed in range(args.seeds):
-                rows, _ = run_one(home, f'distill="global" {overrides} dp-clipping-norm={args.clipping_norm:g} '
-                                  f"seed={seed} num-server-rounds={args.rounds}", args.clients, out / "runs")
-                results.append({"setting": name, "seed": seed, "rows": rows})
-                print(f"  {name:20} seed {seed}: teacher {rows[-1]['teacher']['accuracy']:.4f}"
+                rows, _ = run_one(home, f"{overrides} seed={seed} num-server-rounds={args.rounds}", clients, out / "runs")
+                results.append({"setting": name, "seed": seed, "clients": clients, "rows": rows})
+                print(f"  {name:30} m={clients:<4} seed {seed}: teacher {rows[-1]['teacher']['accuracy']:.4f}"
                       f"  ε {rows[-1].get('privacy', {}).get('epsilon', float('inf')):.3g}", flush=True)
-    text = table(results)
-    print(f"{args.clients} clients, {args.rounds} rounds, {args.seeds} seeds, clipping norm {args.clipping_norm:g}\n{text}")
+    if part == "clients":
+        shape, classes = SHAPES_AND_CLASSES["mnist-5k"]
+        d = sum(p.numel() for p in build_model("large", shape, len(classes)).parameters())
+        for r in results:
+            if r["setting"] != "dp off":
+                r["noise-norm"] = math.sqrt(d) * 1.0 * 1.0 / r["clients"]
+        text = clients_table(results, args.rounds)
+    else:
+        header = (f"{args.clients} clients, {args.rounds} rounds, {args.seeds} seeds" +
+                  (f", clipping norm {args.clipping_norm:g}" if part == "settings" else
+                   ", mnist-5k, fraction-train 0.4, 1 local epoch, distill='global'"))
+        text = header + "\n\n" + table(results, SETTINGS if part == "settings" else EXAMPLE_SETTINGS)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results))
-    plot(results, out / "accuracy-vs-epsilon.png")
-    print(f"wrote {out / 'table.md'}, {out / 'accuracy-vs-epsilon.png'}")
+    if part == "settings":
+        plot(results, out / "accuracy-vs-epsilon.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", default="settings", choices=["settings", "example", "clients"],
+                        help="settings (default): dp modes on digits; example: dp='example' on mnist-5k, 20 clients; "
+                             "clients: central DP against clients per round")
+    parser.add_argument("--seeds", type=int, default=None, help="default 2 (settings, example), 1 (clients)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 8 (settings), 5 (example), 3 (clients)")
+    parser.add_argument("--clients", type=int, default=None, help="default 10 (settings), 20 (example)")
+    parser.add_argument("--clipping-norm", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    defaults = {"settings": (2, 8, 10), "example": (2, 5, 20), "clients": (1, 3, None)}[args.part]
+    args.seeds = args.seeds or defaults[0]
+    args.rounds = args.rounds or defaults[1]
+    args.clients = args.clients or defaults[2]
+    if args.part == "clients" and args.clients is not None:
+        parser.error(f"--clients {args.clients}: the clients part runs m = {', '.join(map(str, CLIENT_COUNTS))}")
+    out = launch.REPO / "bench" / "results" / "privacy" / {"settings": "", "example": "example",
+                                                            "clients": "clients-per-round"}[args.part]
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    text = run_part(args.part, args, out)
+    print(f"{text}\n{time.perf_counter() - started:.0f} s; wrote {out / 'table.md'}")
     return 0
 
 

@@ -8,6 +8,7 @@ message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -107,6 +108,8 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "dp-example-noise-multiplier": (float, _range(0, lo_open=True)),
     "dp-example-epsilon": (float, _range(0)),
     "dp-example-clipping-norm": (float, _range(0, lo_open=True)),
+    "record-updates": (str, _parses(functools.partial(parse_partitions, key="record-updates"), "'' (none) or partition numbers and ranges whose client "
+                                                      "updates the server writes, e.g. '0' or '0-2'")),
     "resume-from": (str, ((lambda v: True), "'' for a new run, or the folder of the run to continue")),
     "device": (str, _choice(DEVICES)),
     "deliver": (str, _choice(DELIVERIES)),
@@ -240,6 +243,7 @@ class RunConfig:
     dp_example_noise_multiplier: float
     dp_example_epsilon: float
     dp_example_clipping_norm: float
+    record_updates: str
     resume_from: str
     device: str
     deliver: str

@@ -40,8 +40,8 @@ def parse_families(spec: str) -> tuple[str, ...]:
     return names
 
 
-def parse_partitions(spec: str) -> frozenset[int]:
-    """``"0-4,7"`` -> {0, 1, 2, 3, 4, 7}; ``""`` -> none.
+def parse_partitions(spec: str, key: str = "small-partitions") -> frozenset[int]:
+    """``"0-4,7"`` -> {0, 1, 2, 3, 4, 7}; ``""`` -> none. ``key``: the run-config key the error names.
 
     Raises:
         FamilyError: anything but comma-separated whole numbers >= 0 and ranges ``a-b`` with a <= b.
@@ -50,7 +50,7 @@ def parse_partitions(spec: str) -> frozenset[int]:
     for part in (p.strip() for p in spec.split(",") if spec.strip()):
         low, dash, high = part.partition("-")
         if not (low.isdigit() and (high.isdigit() or not dash)) or (high and int(high) < int(low)):
-            raise FamilyError(f"'small-partitions' = {spec!r} is not allowed: {part!r} is neither a partition "
+            raise FamilyError(f"'{key}' = {spec!r} is not allowed: {part!r} is neither a partition "
                               "number >= 0 nor a range a-b with a <= b; use e.g. '10-19' or '0,2,4-6', or '' for none")
         partitions.update(range(int(low), int(high or low) + 1))
     return frozenset(partitions)

@@ -25,10 +25,11 @@ from common.config import ConfigError, RunConfig
 RESUME_FILE = "resume.pt"
 # Keys added after checkpoints were first written, with the value that behaves as before them: a checkpoint
 # without the key resumes when the run keeps that value.
-ADDED_SINCE = {"model-families": "large", "small-partitions": ""}
+ADDED_SINCE = {"model-families": "large", "small-partitions": "", "record-updates": "",
+               "dp-example-noise-multiplier": 1.0, "dp-example-epsilon": 0.0, "dp-example-clipping-norm": 1.0}
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 MAY_CHANGE = ("num-server-rounds", "min-nodes", "node-wait-timeout", "round-timeout", "fraction-evaluate",
-              "out-dir", "resume-from", "device", "deliver", "deliver-every")
+              "out-dir", "resume-from", "device", "deliver", "deliver-every", "record-updates")
 
 
 @dataclass

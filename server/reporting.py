@@ -61,6 +61,13 @@ class RunReport:
         else:
             run_dir.mkdir(parents=True, exist_ok=False)
 
+    def record_updates(self, updates: dict) -> None:
+        """``update-partition-<p>.safetensors``: the latest update of each client ``record-updates`` names, as the
+        server received it (``updates``: {partition: ArrayRecord}); for membership audits (``bench/privacy_audit.py``)."""
+        for partition, arrays in updates.items():
+            save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
+                      str(self.run_dir / f"update-partition-{partition}.safetensors"))
+
     def record_round(self, server_round: int, teacher: nn.Module, student: nn.Module | None, stats: dict,
                      families: dict[str, nn.Module] | None = None) -> MetricRecord:
         """Test the models, append a metrics line, refresh the checkpoints, log one line.

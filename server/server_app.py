@@ -86,6 +86,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         fusion_check=FusionCheck(config.fusion_check_fraction, config.min_nodes, config.round_timeout, config.seed,
                                  config.fusion_check_margin) if config.fusion_check == "clients" else None,
     )
+    strategy.record_partitions = parse_partitions(config.record_updates)
     if resumed is not None:
         strategy.load_partition_state(resumed.partitions)
         strategy.rng.setstate(resumed.python_rng)
@@ -112,6 +113,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         if privacy is not None and server_round > 0:
             stats["privacy"] = privacy.record_round(stats)
         metrics = report.record_round(server_round + done, teacher, student, stats, models)
+        report.record_updates(strategy.recorded)
         checkpoint.save(run_dir, server_round + done, config, arrays.to_torch_state_dict(),
                         distillation.state_dict() if distillation else {},
                         privacy.state_dict() if privacy else {}, strategy.partition_state(),

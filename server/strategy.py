@@ -92,6 +92,8 @@ class DistillStrategy(Strategy):
         self.partition_of: dict[int, int] = {}
         self.left_out: set[int] = set()  # nodes that declared a model family this run does not federate
         self._families_checked = False  # small-partitions checked against the partitions (first hand-out)
+        self.record_partitions: frozenset[int] = frozenset()  # record-updates: partitions whose updates are kept
+        self.recorded: dict[int, ArrayRecord] = {}  # this round's valid updates of those partitions
         self.round_stats: dict[int, dict] = {}
         self.fusion_check = fusion_check
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
@@ -184,7 +186,9 @@ class DistillStrategy(Strategy):
         if not new:
             return
         sampling = self.fraction_train < 1.0 or 0.0 < self.fraction_evaluate < 1.0
-        asking = sampling or len(self.aggregator.families) > 1
+        # Ask each node its pinned partition wherever the partition decides something: sampling, a family,
+        # which updates record-updates keeps (a simulated node trains its node config's partition-id).
+        asking = sampling or len(self.aggregator.families) > 1 or bool(self.record_partitions)
         pinned, declared = ask_nodes(grid, new, min(self.round_timeout or 60.0, 60.0)) if asking else ({}, {})
         self.num_partitions = self.num_partitions or len(connected)
         self.partition_of.update(pinned)
@@ -260,6 +264,10 @@ class DistillStrategy(Strategy):
         # Robust aggregators take the arrays out of the replies, DP rewrites the weights: read them first.
         client_arrays = [(families.family(r.metadata.src_node_id), ArrayRecord(dict(r.content[key].items())))
                          for r in valid]
+        self.recorded = {}  # record-updates: what these clients sent, as the server received it
+        for reply, (_, arrays) in zip(valid, client_arrays if self.record_partitions else []):
+            if (partition := self.partition_of[reply.metadata.src_node_id] % self.num_partitions) in self.record_partitions:
+                self.recorded[partition] = arrays
         clients = [{"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values()))),
                     **({"model-family": families.family(r.metadata.src_node_id)} if mixed else {})} for r in valid]
         arrays, metrics = families.aggregate_train(server_round, valid + errors)

@@ -120,15 +120,15 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, conf
     assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n{"round": 1}\n{"round": 2}\n'
 
 
-def test_a_checkpoint_from_before_model_families_resumes_at_their_defaults(tmp_path, config):
+def test_a_checkpoint_from_before_the_newer_keys_resumes_at_their_defaults(tmp_path, config):
     import dataclasses
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     checkpoint.save(run_dir, 1, config, nn.Linear(3, 2).state_dict(), {})
     state = torch.load(run_dir / checkpoint.RESUME_FILE, weights_only=False)
-    for key in ("model-families", "small-partitions"):
-        del state["config"][key]  # written by the version before model families
+    for key in checkpoint.ADDED_SINCE:
+        del state["config"][key]  # written by the version before model families, example DP and record-updates
     torch.save(state, run_dir / checkpoint.RESUME_FILE)
     later = dataclasses.replace(config, resume_from=str(run_dir), num_server_rounds=3)
     assert checkpoint.load(later).round == 1

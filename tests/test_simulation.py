@@ -320,3 +320,29 @@ def test_mixed_model_families_train_fuse_report_and_resume_as_an_uninterrupted_r
     for a, b in zip(resumed, whole):
         assert {f: a["families"][f]["accuracy"] for f in a["families"]} == \
             {f: b["families"][f]["accuracy"] for f in b["families"]}, a["round"]
+
+
+def test_a_small_privacy_audit_records_the_target_update_and_writes_its_table_and_roc(superlink, tmp_path):
+    # 2 federations (a target and a shadow, each in turn): partition 0's update as the server received it,
+    # the global model and the student are attacked, members and non-members counted from the runs' splits
+    from bench import privacy_audit
+
+    out = tmp_path / "audit"
+    assert privacy_audit.main(["--runs", "2", "--rounds", "1", "--clients", "2", "--dataset", "digits",
+                               "--settings", "dp off, FedAvg"], home=superlink, connection=CONNECTION, out=out) == 0
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:  # record-updates="0": partition 0's update only
+        assert sorted(p.name for p in run.glob("update-partition-*")) == ["update-partition-0.safetensors"]
+    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["dp off, FedAvg"]}
+    assert set(rows) == {"update", "global", "student"}
+    # digits: 1797 examples, the audit's test-fraction 0.6 -> 1078 non-members per target; 2 targets pooled
+    assert all(r["non-members"] == 2156 and r["targets"] == 2 for r in rows.values())
+    assert rows["update"]["members"] < rows["global"]["members"] == rows["student"]["members"]
+    for r in rows.values():
+        assert 0.0 <= r["lira"]["auc"] <= 1.0 and r["lira"]["epsilon-lower-bound"] >= 0.0
+        assert r["test-accuracy"] > 0.2 and r["accountant-epsilon"] is None  # 1 round, 1 local epoch; chance 0.1
+    # the recorded update is partition 0's: its own examples fit it better than the test set (0.55 here)
+    assert rows["update"]["loss"]["auc"] > 0.52
+    table = (out / "table.md").read_text()
+    assert table.count("| dp off, FedAvg |") == 3 and (out / "roc.png").stat().st_size > 10_000
