@@ -108,8 +108,9 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "dp-example-noise-multiplier": (float, _range(0, lo_open=True)),
     "dp-example-epsilon": (float, _range(0)),
     "dp-example-clipping-norm": (float, _range(0, lo_open=True)),
-    "record-updates": (str, _parses(functools.partial(parse_partitions, key="record-updates"), "'' (none) or partition numbers and ranges whose client "
-                                                      "updates the server writes, e.g. '0' or '0-2'")),
+    "record-updates": (str, _parses(functools.partial(parse_partitions, key="record-updates"),
+                                    "'' (none) or partition numbers and ranges whose client updates the server "
+                                    "writes, e.g. '0' or '0-2'")),
     "resume-from": (str, ((lambda v: True), "'' for a new run, or the folder of the run to continue")),
     "device": (str, _choice(DEVICES)),
     "deliver": (str, _choice(DELIVERIES)),

@@ -264,10 +264,10 @@ class DistillStrategy(Strategy):
         # Robust aggregators take the arrays out of the replies, DP rewrites the weights: read them first.
         client_arrays = [(families.family(r.metadata.src_node_id), ArrayRecord(dict(r.content[key].items())))
                          for r in valid]
-        self.recorded = {}  # record-updates: what these clients sent, as the server received it
-        for reply, (_, arrays) in zip(valid, client_arrays if self.record_partitions else []):
-            if (partition := self.partition_of[reply.metadata.src_node_id] % self.num_partitions) in self.record_partitions:
-                self.recorded[partition] = arrays
+        if self.record_partitions:  # record-updates: what these clients sent, as the server received it
+            held = {r.metadata.src_node_id: arrays for r, (_, arrays) in zip(valid, client_arrays)}
+            self.recorded = {p: arrays for node, arrays in held.items()
+                             if (p := self.partition_of[node] % self.num_partitions) in self.record_partitions}
         clients = [{"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values()))),
                     **({"model-family": families.family(r.metadata.src_node_id)} if mixed else {})} for r in valid]
         arrays, metrics = families.aggregate_train(server_round, valid + errors)
