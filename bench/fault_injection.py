@@ -4,7 +4,8 @@ Production code carries no fault switch. ``bench.faults`` writes a copy of the
 app whose ``serverapp`` is this module and starts the SuperLink with
 ``FL_DISTILL_BENCH_FAULTS`` set, e.g. ``nan@2,shape@3,scale@4``: in round 2 the
 first train reply pulled gets NaN weights, in round 3 a tensor of another shape,
-in round 4 every weight multiplied by 1e30. Everything else (transport, the
+in round 4 every weight multiplied by 1e30; ``examples@R`` leaves the weights and
+claims 10**12 training examples (a client that lies to own FedAvg's mean). Everything else (transport, the
 real clients' training, validation, aggregation) is the shipped code path.
 """
 
@@ -22,7 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from server import server_app
 from server.reply_poll import ShortPollGrid
 
-FAULTS = ("nan", "shape", "scale")
+FAULTS = ("nan", "shape", "scale", "examples")
+CLAIMED_EXAMPLES = 10**12
 
 
 def parse_plan(text: str) -> dict[int, str]:
@@ -37,7 +39,11 @@ def parse_plan(text: str) -> dict[int, str]:
 
 
 def corrupt(reply: Message, fault: str) -> None:
-    """Change ``reply``'s model in place as ``fault`` says."""
+    """Change ``reply``'s model (or, for ``examples``, its example count) in place as ``fault`` says."""
+    if fault == "examples":
+        metrics = next(iter(reply.content.metric_records.values()))
+        metrics["num-examples"] = CLAIMED_EXAMPLES
+        return
     record = next(iter(reply.content.array_records.values()))
     name = next(iter(record.keys()))
     if fault == "nan":

@@ -15,7 +15,7 @@ Scenarios (same seed and config; ``min-nodes`` = ``--clients``):
 Prints a table (status, rounds completed, seconds lost against the clean run, the longest wait for
 replies in a round (marked ``!`` past the round timeout) and for ``min-nodes``, final teacher accuracy,
 whether the global model is finite, rejected updates, replies per round) and writes
-``bench/results/faults.json``.
+``bench/results/faults.json`` (with ``--only WORD``: ``faults-WORD.json``, so the full table's file is kept).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -42,6 +43,7 @@ PORTS = launch.Ports(http=8500, fleet=9592)
 RUNTIME_PORT = 9600
 CONNECTION = "faults"
 BAD_UPDATES = "nan@2,shape@3,scale@4"
+LIES = "examples@2,examples@3,examples@4"
 
 
 @dataclass
@@ -118,6 +120,7 @@ def scenarios(args) -> list[Scenario]:
         Scenario("bad updates, trimmed-mean", "NaN r2, wrong shape r3, x1e30 r4",
                  'aggregation="trimmed-mean"', BAD_UPDATES),
         Scenario("bad updates, median", "NaN r2, wrong shape r3, x1e30 r4", 'aggregation="median"', BAD_UPDATES),
+        Scenario("claims 10^12 examples, fedavg", "one reply a round claims 10^12 examples, r2-r4", plan=LIES),
     ]
 
 
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_line = (f"{args.clients} SuperNodes (warm executor), {args.rounds} rounds, min-nodes={args.clients}, "
                      f"round-timeout={args.round_timeout:g} s, node-wait-timeout={args.node_wait_timeout:g} s, digits")
     print(f"bench.faults: {settings_line}\n{table(results, args.round_timeout)}")
-    target = Path(launch.REPO / "bench" / "results" / "faults.json")
+    name = f"faults-{re.sub(r'[^A-Za-z0-9]+', '-', args.only).strip('-')}.json" if args.only else "faults.json"
+    target = launch.REPO / "bench" / "results" / name
     target.write_text(json.dumps({"settings": settings_line, "results": results}, indent=2))
     print(f"written: {target.relative_to(launch.REPO)}")
     return 0

@@ -26,6 +26,11 @@ def partition_of(node_config: dict, message_config: dict) -> tuple[int, int]:
     return int(source["partition-id"]), int(source["num-partitions"])
 
 
+def trained_partition(node_config: dict, message_config: dict) -> tuple[int, int]:
+    """(partition-id, num-partitions) of this node's data, or (-1, 0) for its own ``data-dir``: what its replies name."""
+    return (-1, 0) if node_config.get("data-dir") else partition_of(node_config, message_config)
+
+
 def local_data(config: RunConfig, node_config: dict, message_config: dict) -> Dataset:
     """This node's data: its own folder (edge machine) or its partition of the pool."""
     if node_config.get("data-dir"):
@@ -79,7 +84,9 @@ def train(msg: Message, context: Context) -> Message:
 
     One message per round: the reply carries the new weights, the train metrics
     and the received model's local ``eval-loss`` / ``eval-accuracy`` (before
-    training), so no separate evaluate message is needed (``fraction-evaluate=0``).
+    training), so no separate evaluate message is needed (``fraction-evaluate=0``),
+    and ``num-examples`` with the ``partition-id`` of ``num-partitions`` they are (-1: own data), which the
+    server checks.
     With dp = 'example' the training is DP-SGD and the metrics carry its mechanism and ε.
     With aggregation = 'fedprox' the config record carries ``proximal-mu``, the
     weight of local training's proximal term (absent: 0, plain SGD).
@@ -96,7 +103,10 @@ def train(msg: Message, context: Context) -> Message:
     else:
         metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, seed,
                                    proximal_mu=proximal_mu))
-    metrics.update({"num-examples": len(data), "eval-seconds": evaluated - started, "train-seconds": time.perf_counter() - evaluated})
+    metrics.update({"num-examples": len(data), "eval-seconds": evaluated - started,
+                    "train-seconds": time.perf_counter() - evaluated,
+                    **dict(zip(("partition-id", "num-partitions"),
+                               trained_partition(dict(context.node_config), dict(msg.content["config"]))))})
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -136,8 +146,7 @@ def receive_models(msg: Message, context: Context) -> Message:
         return (client_set(config, partition, partitions),
                 f"partition {partition} of {partitions} (the global model trained on it)")
 
-    partition = -1 if node_config.get("data-dir") else partition_of(node_config, message_config)[0]
-    return deliver(msg, node_config, data_of, partition)
+    return deliver(msg, node_config, data_of, trained_partition(node_config, message_config)[0])
 
 
 @app.evaluate()

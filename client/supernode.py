@@ -13,6 +13,11 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
   executor dies, it is started again. ``--executor subprocess`` keeps Flower's
   default (a fresh ``flwr-clientapp`` process per message; its SuperExec polls
   every 0.2 s).
+- The first connection is checked before anything starts (``client/preflight.py``): nothing
+  listening at ``--superlink`` for ``--first-connect-wait`` seconds (unless Flower's
+  ``--max-retries``/``--max-wait-time`` asks to retry), ``--insecure`` against a TLS SuperLink,
+  a CA that did not sign its certificate, or TLS asked of a plaintext one exits with the cause
+  and the flag to change, where ``flower-supernode`` would retry for ever.
 - ``--node-config`` is checked before anything starts (``common.config.check_node_config``):
   an unknown key or a bad value (``model-dir`` that is a file, ``device="gpu"``) stops it with the reason.
 - Short polls: flwr 1.39 hard-codes ``time.sleep(3)`` between the SuperNode's
@@ -40,10 +45,12 @@ from logging import WARNING
 import click
 import flwr.supernode.start_client_internal as supernode_loop
 from flwr.common.config import parse_config_args
+from flwr.common.constant import FLEET_API_GRPC_RERE_DEFAULT_ADDRESS
 from flwr.supercore import log
 from flwr.supernode.cli import flower_supernode
 
 from client.executor import OBJECT_PULL_RETRY
+from client.preflight import PreflightError, check_superlink
 from common.config import ConfigError, check_node_config
 
 FLOWER_RUNTIME_PORT = 9094  # flower-supernode's default --port
@@ -109,6 +116,19 @@ def supervise(command: list[str]) -> threading.Thread:
     return thread
 
 
+def preflight(flower_args: list[str], wait: float) -> None:
+    """Exit with the cause if the first connection ``flower_args`` describe cannot succeed (see module doc)."""
+    insecure, ca = "--insecure" in flower_args, _option(flower_args, "--root-certificates")
+    if wait == 0 or (insecure and ca):  # off, or Flower's own "Conflicting options" exit says it
+        return
+    retrying = any(_option(flower_args, flag) is not None for flag in ("--max-retries", "--max-wait-time"))
+    address = _option(flower_args, "--superlink") or FLEET_API_GRPC_RERE_DEFAULT_ADDRESS
+    try:
+        check_superlink(address, insecure=insecure, root_certificates=ca, wait=wait, fail_if_absent=not retrying)
+    except (PreflightError, ValueError) as err:
+        sys.exit(f"fl-distill-supernode: cannot start: {err}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="fl-distill-supernode", add_help=False, usage="%(prog)s [OPTIONS] FLOWER-SUPERNODE-ARGS...",
@@ -121,14 +141,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="cap in seconds of the SuperNode's 3 s idle poll and 0.5 s reply wait (0.2)")
     parser.add_argument("--task-poll", type=float, default=0.1,
                         help="seconds between the executor's requests for a task (0.1)")
+    parser.add_argument("--first-connect-wait", type=float, default=20.0,
+                        help="seconds to wait at start for the SuperLink to accept a connection before exiting "
+                             "with the cause (20; 0 skips the start check)")
     ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if "-h" in flower_args or "--help" in flower_args:
+    asking_help = "-h" in flower_args or "--help" in flower_args
+    if asking_help:
         parser.print_help()
         print()
     if not 0.01 <= ours.idle_poll <= 3:
         parser.error(f"--idle-poll = {ours.idle_poll} is not allowed; use 0.01 to 3 seconds (3 = Flower's own)")
     if not 0.01 <= ours.task_poll <= 60:
         parser.error(f"--task-poll = {ours.task_poll} is not allowed; use 0.01 to 60 seconds")
+    if not 0 <= ours.first_connect_wait <= 600:
+        parser.error(f"--first-connect-wait = {ours.first_connect_wait} is not allowed; use 0 (no check) to 600 s")
     node_config = _option(flower_args, "--node-config")
     if node_config is not None:  # refused here, at start, not at the first message
         try:
@@ -136,18 +162,20 @@ def main(argv: list[str] | None = None) -> None:
         except (ConfigError, ValueError, click.ClickException) as err:
             parser.error(f"--node-config {node_config!r}: {getattr(err, 'message', err)}")
     isolation = _option(flower_args, "--isolation")
+    if ours.executor == "warm" and isolation not in (None, "process"):
+        parser.error(f"--isolation {isolation} does not go with --executor warm; "
+                     "drop --isolation, or use --executor subprocess for Flower's own isolation")
+    if ours.executor == "subprocess" and isolation not in (None, "subprocess"):
+        parser.error(f"--isolation {isolation} with --executor subprocess would start no executor; "
+                     "drop --isolation, or use --executor warm")
+    if not asking_help:
+        preflight(flower_args, ours.first_connect_wait)
     if ours.executor == "warm":
-        if isolation not in (None, "process"):
-            parser.error(f"--isolation {isolation} does not go with --executor warm; "
-                         "drop --isolation, or use --executor subprocess for Flower's own isolation")
         if isolation is None:
             flower_args += ["--isolation", "process"]
-        if "-h" not in flower_args and "--help" not in flower_args:
+        if not asking_help:
             supervise(executor_command(flower_args, os.getpid(), ours.task_poll))
     else:
-        if isolation not in (None, "subprocess"):
-            parser.error(f"--isolation {isolation} with --executor subprocess would start no executor; "
-                         "drop --isolation, or use --executor warm")
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     supernode_loop.time = CappedSleep(ours.idle_poll)
     supernode_loop.pull_objects = functools.partial(supernode_loop.pull_objects, **OBJECT_PULL_RETRY)

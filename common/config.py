@@ -90,6 +90,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "out-dir": (str, ((lambda v: v != ""), "a folder path")),
     "round-timeout": (float, _range(0, lo_open=True)),
     "max-update-norm": (float, _range(0)),
+    "max-examples-ratio": (float, ((lambda v: v == 0 or 1 <= v < math.inf), "0 (no cap) or a number >= 1")),
     "aggregation": (str, _choice(AGGREGATIONS)),
     "model-families": (str, _parses(parse_families, "a comma-separated list of " + ", ".join(
         repr(f) for f in MODEL_FAMILIES) + ", each once, the global model's first (e.g. 'large,small')")),
@@ -228,6 +229,7 @@ class RunConfig:
     out_dir: str
     round_timeout: float
     max_update_norm: float
+    max_examples_ratio: float
     aggregation: str
     model_families: str
     small_partitions: str

@@ -230,11 +230,22 @@ def pool_size(config: RunConfig) -> int:
     return len(split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool)
 
 
+def _pool_partitions(config: RunConfig, num_partitions: int) -> tuple[Dataset, np.ndarray, list[np.ndarray]]:
+    data = load_dataset(config.dataset, config.data_root, config.download)
+    pool = split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool
+    parts = partition(data.labels[pool].numpy(), num_partitions, config.partitioning, config.dirichlet_alpha, config.seed)
+    return data, pool, parts
+
+
 def client_set(config: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
     """Client ``partition_id``'s share of the clients' pool."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id = {partition_id} is not allowed; use 0..{num_partitions - 1}")
-    data = load_dataset(config.dataset, config.data_root, config.download)
-    pool = split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool
-    parts = partition(data.labels[pool].numpy(), num_partitions, config.partitioning, config.dirichlet_alpha, config.seed)
+    data, pool, parts = _pool_partitions(config, num_partitions)
     return data.subset(pool[parts[partition_id]])
+
+
+def partition_sizes(config: RunConfig, num_partitions: int) -> list[int]:
+    """How many examples each of the pool's ``num_partitions`` partitions holds: what each client's
+    ``num-examples`` must be (``server/validation.py`` ``ExampleCounts``)."""
+    return [len(part) for part in _pool_partitions(config, num_partitions)[2]]

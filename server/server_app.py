@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from logging import ERROR, INFO
@@ -14,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common.config import ConfigError, RunConfig
-from common.data import server_sets
+from common.data import partition_sizes, server_sets
 from common.model_families import pack, parse_partitions, unpack
 from common.models import build_model, build_student, model_size
 from common.training import setup_compute
@@ -29,6 +30,7 @@ from server.reply_poll import ShortPollGrid
 from server.sampling import NoNodesError
 from server.reporting import RunReport
 from server.strategy import DistillStrategy
+from server.validation import ExampleCounts
 
 app = ServerApp()
 
@@ -85,6 +87,8 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         sampling_seed=config.seed,
         fusion_check=FusionCheck(config.fusion_check_fraction, config.min_nodes, config.round_timeout, config.seed,
                                  config.fusion_check_margin) if config.fusion_check == "clients" else None,
+        example_counts=ExampleCounts(functools.lru_cache(8)(functools.partial(partition_sizes, config)),
+                                     config.max_examples_ratio),
     )
     strategy.record_partitions = parse_partitions(config.record_updates)
     if resumed is not None:

@@ -28,7 +28,7 @@ from server.families import ModelFamilies, family_roster, family_stats
 from server.fusion_check import FusionCheck
 from server.privacy import dp_sgd_rounds
 from server.sampling import SampledGrid, ask_nodes, sample, wait_for_nodes
-from server.validation import clip_update
+from server.validation import ExampleCounts, clip_update
 
 
 def content_digest(reply: Message) -> bytes:
@@ -64,6 +64,8 @@ class DistillStrategy(Strategy):
         sampling_seed: seeds ``rng``, this run's generator for sampling nodes (its state is checkpointed).
         fusion_check: the clients' check of a fuse-back (``fusion-check = 'clients'``), or None: the
             Distiller's proxy criterion alone decides.
+        example_counts: the check of each reply's ``num-examples`` against its partition's size, and the cap
+            on claims from clients on their own data (``server/validation.py``); None: no check.
 
     Each node is told which partition of the pool is its own: a node whose config
     pins a ``partition-id`` keeps it, the others (docker-compose replicas), sorted
@@ -78,7 +80,7 @@ class DistillStrategy(Strategy):
                  fraction_train: float = 1.0, fraction_evaluate: float = 0.0, min_nodes: int = 1,
                  num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
                  max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None,
-                 fusion_check: FusionCheck | None = None):
+                 fusion_check: FusionCheck | None = None, example_counts: ExampleCounts | None = None):
         super().__init__()
         self.aggregator = aggregator if isinstance(aggregator, ModelFamilies) else ModelFamilies({"large": aggregator})
         self.distillation = distillation
@@ -96,6 +98,7 @@ class DistillStrategy(Strategy):
         self.recorded: dict[int, ArrayRecord] = {}  # this round's valid updates of those partitions
         self.round_stats: dict[int, dict] = {}
         self.fusion_check = fusion_check
+        self.example_counts = example_counts
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
         self._grid: Grid | None = None  # this round's, for the fusion check's messages
         self._round_started = self._node_wait = 0.0
@@ -242,6 +245,15 @@ class DistillStrategy(Strategy):
         families = self.aggregator
         families.sent = unpack(self.global_arrays, families.families)  # what this round sent, per family
         valid, errors, rejected = families.screen(replies)
+        capped: list[dict] = []
+        if self.example_counts is not None:  # num-examples against the partition's size; own data capped
+            valid, miscounted, capped = self.example_counts.check(valid, self.num_partitions,
+                                                                  families.weighted_by_key)
+            rejected += miscounted
+        for cap in capped:
+            log(WARNING, "fl-distill: round %d: node %d claims %d examples of its own data; counted as %d "
+                "(max-examples-ratio x the round's median claim)", true_round, cap["node-id"], cap["claimed"],
+                cap["counted"])
         for rejection in rejected:
             log(WARNING, "fl-distill: round %d: dropped the update of node %d: %s",
                 true_round, rejection.node_id, rejection.reason)
@@ -278,6 +290,7 @@ class DistillStrategy(Strategy):
             "failures": len(errors),
             "rejected": [r.to_dict() for r in rejected],
             "clipped": clipped,
+            "capped-examples": capped,
             "client-metrics": dict(metrics) if metrics is not None else {},
             "clients": clients,
             "aggregated": arrays is not None,

@@ -12,8 +12,9 @@ layer (aggregation, distillation) ever sees it.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,69 @@ def screen_replies(
                 rejected.append(Rejection(reply.metadata.src_node_id,
                                           f"metric names {list(names)} differ from the other replies' {list(usual)}"))
     return valid, errors, rejected
+
+
+OWN_DATA = -1  # a train reply's ``partition-id`` when the client trained on its own ``data-dir``
+
+
+@dataclass
+class ExampleCounts:
+    """The check of each reply's ``num-examples``: FedAvg weights by it, so one false claim would decide the model.
+
+    Args:
+        partition_sizes: ``k`` -> the number of examples in each of the pool's ``k`` partitions, computed as the
+            clients compute them (``common.data.partition_sizes``); raises ValueError for a ``k`` the pool
+            cannot be cut into.
+        max_ratio: a claim the server cannot check against this run's partitioning (own ``data-dir``, or a
+            node that pins another ``num-partitions``) weighs at most ``max_ratio`` × the lower median of the
+            round's claims; 0 = no cap (``max-examples-ratio``).
+    """
+
+    partition_sizes: Callable[[int], Sequence[int]]
+    max_ratio: float = 4.0
+
+    def check(self, replies: list[Message], num_partitions: int, weight_key: str = "num-examples"
+              ) -> tuple[list[Message], list[Rejection], list[dict]]:
+        """Split screened train replies into (valid, rejections, capped).
+
+        Each reply names the data it trained on: ``partition-id`` of ``num-partitions`` in its metrics (taken
+        out here, so that no aggregation averages them; ``partition-id`` -1 or absent: its own data). On a
+        partition its ``weight_key`` must equal that partition's size, or the reply is rejected with both
+        numbers. A claim not cut by this run's ``num_partitions`` partitions and above the cap is lowered to
+        the cap in place; ``capped`` lists ``{node-id, claimed, counted}``.
+        """
+        valid, rejected, unchecked = [], [], set()
+        for reply in replies:
+            record = next(iter(reply.content.metric_records.values()))
+            node, claimed = reply.metadata.src_node_id, int(record[weight_key])
+            partition = int(record.pop("partition-id", OWN_DATA))
+            partitions = int(record.pop("num-partitions", 0))
+            if partition != OWN_DATA and (problem := self._count_problem(claimed, partition, partitions, weight_key)):
+                rejected.append(Rejection(node, problem))
+                continue
+            if partition == OWN_DATA or partitions != num_partitions:
+                unchecked.add(node)
+            valid.append(reply)
+        capped = []
+        if self.max_ratio and valid:
+            claims = [int(next(iter(r.content.metric_records.values()))[weight_key]) for r in valid]
+            cap = max(1, int(self.max_ratio * statistics.median_low(claims)))
+            for reply, claimed in zip(valid, claims):
+                if reply.metadata.src_node_id in unchecked and claimed > cap:
+                    next(iter(reply.content.metric_records.values()))[weight_key] = cap
+                    capped.append({"node-id": reply.metadata.src_node_id, "claimed": claimed, "counted": cap})
+        return valid, rejected, capped
+
+    def _count_problem(self, claimed: int, partition: int, partitions: int, weight_key: str) -> str | None:
+        try:
+            sizes = self.partition_sizes(partitions)
+        except ValueError as err:
+            return f"it names num-partitions = {partitions}, which the pool cannot be cut into ({err})"
+        if not 0 <= partition < len(sizes):
+            return f"it trained partition-id = {partition}, but the pool has {len(sizes)} partitions (0..{len(sizes) - 1})"
+        if claimed != sizes[partition]:
+            return f"{weight_key!r} = {claimed}, but partition {partition} of {len(sizes)} holds {sizes[partition]} examples"
+        return None
 
 
 def clip_update(reply: Message, reference: ArrayRecord, max_norm: float) -> float:

@@ -38,6 +38,7 @@ def test_capped_sleep_shortens_long_sleeps_only_and_keeps_the_rest_of_time():
 @pytest.mark.parametrize("argv, message", [
     (["--isolation", "subprocess"], "--isolation subprocess does not go with --executor warm"),
     (["--idle-poll", "0"], "--idle-poll = 0.0 is not allowed"),
+    (["--first-connect-wait", "-1"], "--first-connect-wait = -1.0 is not allowed; use 0 (no check) to 600 s"),
     (["--executor", "threads"], "invalid choice: 'threads'"),
     (["--executor", "subprocess", "--isolation", "process"], "would start no executor"),
     (["--node-config", 'model-dir=""'], "node config 'model-dir' = '' is not allowed; use a quoted folder path"),
@@ -65,6 +66,7 @@ def test_help_lists_the_launchers_own_options_before_flowers(capsys, monkeypatch
         main(["--help"])
     out = capsys.readouterr().out
     assert out.index("--idle-poll") < out.index("--superlink") and "--task-poll" in out
+    assert "--first-connect-wait" in out
 
 
 @pytest.mark.parametrize("address", ["nohost:abc", "9094", "host:0", "host:70000"])

@@ -101,3 +101,87 @@ def test_updates_within_the_norm_are_left_exactly_as_sent(make_strategy):
     arrays, _ = strategy.aggregate_train(1, [reply(*g) for g in GOOD])
     np.testing.assert_array_equal(arrays["w"].numpy(), np.full((3, 2), 2.5, np.float32))
     assert strategy.round_stats[1]["clipped"] == []
+
+
+# Clients that lie about their data (issue 23): FedAvg weights by the claimed num-examples.
+SIZES = {3: [10, 30, 20], 1: [60]}  # the pool cut in k partitions, as common.data.partition_sizes would
+
+
+def sizes_of(k: int) -> list[int]:
+    if k not in SIZES:
+        raise ValueError(f"num-partitions = {k} is not allowed")
+    return SIZES[k]
+
+
+def counted(partition: int, num_examples, node_id: int, weights: dict | None = None, partitions: int = 3) -> Message:
+    return reply(weights or good_weights(), num_examples, node_id, {
+        "num-examples": num_examples, "train-loss": 0.5, "partition-id": partition, "num-partitions": partitions})
+
+
+def honest() -> list[Message]:
+    return [counted(partition, n, node, w) for partition, (w, n, node) in enumerate(GOOD)]
+
+
+def aggregate_counted(replies: list[Message], make_strategy, max_ratio: float = 4.0):
+    from server.validation import ExampleCounts
+
+    strategy = make_strategy(example_counts=ExampleCounts(sizes_of, max_ratio), num_partitions=3)
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return arrays, metrics, strategy.round_stats[1]
+
+
+LIARS = {  # case: (the lying reply, the reason it is rejected for)
+    "another count than its partition's": (lambda: counted(2, 10**12, 9), "'num-examples' = 1000000000000, but partition "
+                                                                  "2 of 3 holds 20 examples"),
+    "a partition the pool does not have": (lambda: counted(3, 20, 9), "partition-id = 3, but the pool has 3 partitions"),
+    "a partitioning the pool cannot have": (lambda: counted(0, 20, 9, partitions=0), "num-partitions = 0, which the "
+                                                                                     "pool cannot be cut into"),
+}
+
+
+@pytest.mark.parametrize("case", LIARS)
+def test_a_client_on_a_partition_must_claim_that_partitions_size(case, make_strategy):
+    make_liar, reason = LIARS[case]
+    arrays, metrics, stats = aggregate_counted(honest() + [make_liar()], make_strategy)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), 2.5))  # the honest two alone
+    assert [r["node-id"] for r in stats["rejected"]] == [9] and reason in stats["rejected"][0]["reason"]
+    assert "partition-id" not in metrics and stats["capped-examples"] == []  # taken out before FedAvg averages
+
+
+def test_a_client_on_its_own_data_weighs_at_most_max_examples_ratio_times_the_median_claim(make_strategy):
+    liar = counted(-1, 10**12, 9, {"w": np.full((3, 2), 5.0, np.float32), "b": np.full(2, 5.0, np.float32)})
+    arrays, _, stats = aggregate_counted(honest() + [liar], make_strategy)
+    # Lower median of (10, 30, 10^12) = 30; cap 4 x 30 = 120: (10·1 + 30·3 + 120·5) / 160.
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), 700 / 160))
+    assert stats["capped-examples"] == [{"node-id": 9, "claimed": 10**12, "counted": 120}] and not stats["rejected"]
+    assert {c["node-id"]: c["num-examples"] for c in stats["clients"]}[9] == 120
+
+
+def test_without_the_cap_an_own_data_claim_decides_the_model(make_strategy):
+    liar = counted(-1, 10**12, 9, {"w": np.full((3, 2), 5.0, np.float32), "b": np.full(2, 5.0, np.float32)})
+    arrays, _, stats = aggregate_counted(honest() + [liar], make_strategy, max_ratio=0)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), 5.0), rtol=1e-6)
+    assert stats["capped-examples"] == []
+
+
+def test_a_node_on_another_partitioning_is_checked_on_it_then_capped_like_own_data(make_strategy):
+    # Pinned num-partitions = 1 (the whole pool, 60): a true count, but not this run's partitioning.
+    whole = counted(0, 60, 9, {"w": np.full((3, 2), 5.0, np.float32), "b": np.full(2, 5.0, np.float32)}, partitions=1)
+    arrays, _, stats = aggregate_counted(honest() + [whole], make_strategy, max_ratio=1)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), 250 / 70))  # (10·1 + 30·3 + 30·5) / 70
+    assert stats["capped-examples"] == [{"node-id": 9, "claimed": 60, "counted": 30}] and not stats["rejected"]
+
+
+def test_honest_claims_on_own_data_within_the_cap_keep_their_weight(make_strategy):
+    replies = [counted(-1, n, node, w) for w, n, node in GOOD]
+    arrays, _, stats = aggregate_counted(replies, make_strategy)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), 2.5))
+    assert stats["capped-examples"] == [] and stats["rejected"] == []
+
+
+def test_the_server_computes_each_partitions_size_as_the_clients_split_the_pool(config):
+    from common.data import client_set, partition_sizes
+
+    sizes = partition_sizes(config, 4)
+    assert sizes == [len(client_set(config, p, 4)) for p in range(4)] and sum(sizes) > 0
