@@ -1,7 +1,8 @@
 """A warm ClientApp executor: runs a SuperNode's ClientApp tasks in forked, pre-imported processes.
 
     fl-distill-executor --runtime-api-address HOST:PORT [--insecure | --root-certificates CA]
-                        [--parent-pid PID] [--poll-interval 0.1] [--supernode-timeout 30]
+                        [--parent-pid PID] [--poll-interval 0.1] [--idle-poll-interval 1]
+                        [--idle-after 30] [--supernode-timeout 30]
 
 It does the job of Flower's ``flower-superexec`` beside a SuperNode started with
 ``--isolation process``: acquire a ClientApp task from the SuperNode's Runtime API
@@ -46,6 +47,8 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+from client.idle_backoff import IdleBackoff
 
 # Imported once by the warm parent; every task inherits them. Third-party only:
 # the app's modules must come from each run's FAB. Missing ones are skipped.
@@ -185,8 +188,9 @@ class WarmExecutor:
             task.process.join()
         self.reap()
 
-    def serve(self, poll_interval: float, supernode_timeout: float) -> int:
-        """Acquire and run tasks until the SuperNode is gone; returns the exit code."""
+    def serve(self, polls: IdleBackoff, supernode_timeout: float) -> int:
+        """Acquire and run tasks until the SuperNode is gone, waiting ``polls.next_wait()`` between
+        requests (short while a task was acquired or ran in its last ``after`` seconds); returns the exit code."""
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=self.certificates is None, root_certificates=self.certificates,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
@@ -203,11 +207,13 @@ class WarmExecutor:
                         log(ERROR, "fl-distill-executor: the SuperNode's Runtime API at %s has not answered for "
                             "%.0f s (%s); exiting", self.address, supernode_timeout, err)
                         return 1
-                    time.sleep(poll_interval)
+                    time.sleep(polls.fast)
                     continue
                 if res.HasField("task") and res.token:
                     self.launch(res.task.task_id, res.token)
-                time.sleep(poll_interval)
+                if self.running:
+                    polls.work()
+                time.sleep(polls.next_wait())
         finally:
             client.close()
 
@@ -221,7 +227,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     tls.add_argument("--root-certificates", help="CA certificate (PEM) of the Runtime API's TLS certificate")
     parser.add_argument("--parent-pid", type=int,
                         help="the SuperNode's PID: exit when it ends; running tasks end with it too")
-    parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between AcquireTask calls (0.1)")
+    parser.add_argument("--poll-interval", type=float, default=0.1,
+                        help="seconds between AcquireTask calls while tasks come (0.1)")
+    parser.add_argument("--idle-poll-interval", type=float, default=1.0,
+                        help="seconds between AcquireTask calls once --idle-after seconds passed without a task (1)")
+    parser.add_argument("--idle-after", type=float, default=30.0,
+                        help="seconds without a task before the polls back off, doubling to --idle-poll-interval (30)")
     parser.add_argument("--supernode-timeout", type=float, default=30.0,
                         help="exit when the Runtime API does not answer for this many seconds (30)")
     args = parser.parse_args(argv)
@@ -233,6 +244,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "e.g. 127.0.0.1:9094 ([::1]:9094 for IPv6)")
     if not 0.01 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval = {args.poll_interval} is not allowed; use 0.01 to 60 seconds")
+    if not args.poll_interval <= args.idle_poll_interval <= 60:
+        parser.error(f"--idle-poll-interval = {args.idle_poll_interval} is not allowed; use --poll-interval "
+                     f"({args.poll_interval}) to 60 seconds")
+    if not 0 <= args.idle_after <= 3600:
+        parser.error(f"--idle-after = {args.idle_after} is not allowed; use 0 to 3600 seconds")
     if args.supernode_timeout <= 0:
         parser.error(f"--supernode-timeout = {args.supernode_timeout} is not allowed; use a number > 0")
     return args
@@ -257,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = executor.warm_up()
         log(INFO, "fl-distill-executor: warm parent %d ready in %.1f s (preloaded %s); tasks from %s",
             executor.warm_parent, seconds, ", ".join(PRELOAD), args.runtime_api_address)
-        return executor.serve(args.poll_interval, args.supernode_timeout)
+        polls = IdleBackoff(args.poll_interval, args.idle_poll_interval, args.idle_after, name="fl-distill-executor")
+        return executor.serve(polls, args.supernode_timeout)
     except KeyboardInterrupt:
         log(INFO, "fl-distill-executor: stopping")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the wait short

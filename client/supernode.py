@@ -20,15 +20,16 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
   and the flag to change, where ``flower-supernode`` would retry for ever.
 - ``--node-config`` is checked before anything starts (``common.config.check_node_config``):
   an unknown key or a bad value (``model-dir`` that is a file, ``device="gpu"``) stops it with the reason.
-- Short polls: flwr 1.39 hard-codes ``time.sleep(3)`` between the SuperNode's
-  pulls when it has no work, and ``time.sleep(0.5)`` while it waits for a
-  ClientApp's reply or object (``flwr/supernode/start_client_internal.py``).
-  This launcher replaces that module's ``time`` with one whose ``sleep`` is
-  capped at ``--idle-poll`` seconds. The price: an idle node asks the SuperLink
-  for work 1/idle-poll times a second (5/s at 0.2 s) instead of 1/3 s; on a
-  SuperLink serving hundreds of idle nodes raise it (``--idle-poll 3`` restores
-  Flower's behaviour). Likewise its retries of a model's bytes that have not
-  arrived yet start at 50 ms, not 1 s (``client.executor.OBJECT_PULL_RETRY``).
+- Short polls that back off when idle: flwr 1.39 hard-codes ``time.sleep(3)`` between the
+  SuperNode's pulls when it has no work, and ``time.sleep(0.5)`` while it waits for a
+  ClientApp's reply or object (``flwr/supernode/start_client_internal.py``). This launcher
+  replaces that module's ``time`` with ``CappedSleep``: the reply wait is capped at
+  ``--idle-poll`` seconds, and the idle sleep follows an ``IdleBackoff``
+  (``client/idle_backoff.py``): ``--idle-poll`` while a message was pulled or a reply pushed in
+  the last ``--idle-after`` seconds, then doubling up to ``--idle-poll-max`` (Flower's 3 s). The
+  executor's task poll backs off the same way (``--task-poll`` to ``--task-poll-max``). Its
+  retries of a model's bytes that have not arrived yet start at 50 ms, not 1 s
+  (``client.executor.OBJECT_PULL_RETRY``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from logging import WARNING
+from typing import Any
 
 import click
 import flwr.supernode.start_client_internal as supernode_loop
@@ -50,23 +53,45 @@ from flwr.supercore import log
 from flwr.supernode.cli import flower_supernode
 
 from client.executor import OBJECT_PULL_RETRY
+from client.idle_backoff import IdleBackoff
 from client.preflight import PreflightError, check_superlink
 from common.config import ConfigError, check_node_config
 
 FLOWER_RUNTIME_PORT = 9094  # flower-supernode's default --port
 
 
-class CappedSleep:
-    """``time`` as a module, except that ``sleep(s)`` sleeps ``min(s, cap)``."""
+FLOWER_IDLE_SLEEP = 3  # flwr 1.39's time.sleep(3) after a pull that found no message
 
-    def __init__(self, cap: float):
-        self.cap = cap
+
+class CappedSleep:
+    """``time`` as a module, except for ``sleep(s)``: Flower's idle sleep (3 s) waits
+    ``idle.next_wait()`` when an ``IdleBackoff`` is given, every other sleep ``min(s, cap)``."""
+
+    def __init__(self, cap: float, idle: IdleBackoff | None = None):
+        self.cap, self.idle = cap, idle
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        if self.idle is not None and seconds >= FLOWER_IDLE_SLEEP:
+            time.sleep(self.idle.next_wait())
+        else:
+            time.sleep(min(seconds, self.cap))
 
     def __getattr__(self, name: str):
         return getattr(time, name)
+
+
+def noticing_work(step: Callable[..., Any], idle: IdleBackoff,
+                  worked: Callable[[Any], bool] = lambda _result: True) -> Callable[..., Any]:
+    """``step`` (a function of Flower's SuperNode loop), telling ``idle`` of work when ``worked(its result)``."""
+
+    @functools.wraps(step)
+    def noticed(*args, **kwargs):
+        result = step(*args, **kwargs)
+        if worked(result):
+            idle.work()
+        return result
+
+    return noticed
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -80,7 +105,8 @@ def _option(args: list[str], name: str) -> str | None:
     return value
 
 
-def executor_command(flower_args: list[str], supernode_pid: int, task_poll: float = 0.1) -> list[str]:
+def executor_command(flower_args: list[str], supernode_pid: int, task_poll: float = 0.1, task_poll_max: float = 1.0,
+                     idle_after: float = 30.0) -> list[str]:
     """The ``fl-distill-executor`` command for a SuperNode started with ``flower_args``."""
     host = _option(flower_args, "--host") or "127.0.0.1"
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -89,7 +115,8 @@ def executor_command(flower_args: list[str], supernode_pid: int, task_poll: floa
     ca = _option(flower_args, "--ssl-ca-certfile")
     tls = ["--root-certificates", ca] if ca else ["--insecure"]
     return [sys.executable, "-m", "client.executor", "--runtime-api-address", f"{host}:{port}",
-            "--parent-pid", str(supernode_pid), "--poll-interval", str(task_poll), *tls]
+            "--parent-pid", str(supernode_pid), "--poll-interval", str(task_poll),
+            "--idle-poll-interval", str(task_poll_max), "--idle-after", str(idle_after), *tls]
 
 
 def supervise(command: list[str]) -> threading.Thread:
@@ -138,9 +165,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="warm: tasks in processes forked from a pre-imported parent (default); "
                              "subprocess: Flower's flwr-clientapp process per message")
     parser.add_argument("--idle-poll", type=float, default=0.2,
-                        help="cap in seconds of the SuperNode's 3 s idle poll and 0.5 s reply wait (0.2)")
+                        help="seconds between the SuperNode's polls for work while work comes, and its cap on "
+                             "Flower's 0.5 s reply wait (0.2)")
+    parser.add_argument("--idle-poll-max", type=float, default=3.0,
+                        help="the SuperNode's poll interval once --idle-after seconds passed without a message "
+                             "(3 = Flower's own; = --idle-poll: no backoff)")
     parser.add_argument("--task-poll", type=float, default=0.1,
-                        help="seconds between the executor's requests for a task (0.1)")
+                        help="seconds between the executor's requests for a task while tasks come (0.1)")
+    parser.add_argument("--task-poll-max", type=float, default=1.0,
+                        help="the executor's task poll interval once --idle-after seconds passed without a task (1)")
+    parser.add_argument("--idle-after", type=float, default=30.0,
+                        help="seconds without work before the polls back off, doubling to their max (30)")
     parser.add_argument("--first-connect-wait", type=float, default=20.0,
                         help="seconds to wait at start for the SuperLink to accept a connection before exiting "
                              "with the cause (20; 0 skips the start check)")
@@ -153,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--idle-poll = {ours.idle_poll} is not allowed; use 0.01 to 3 seconds (3 = Flower's own)")
     if not 0.01 <= ours.task_poll <= 60:
         parser.error(f"--task-poll = {ours.task_poll} is not allowed; use 0.01 to 60 seconds")
+    if not ours.idle_poll <= ours.idle_poll_max <= 60:
+        parser.error(f"--idle-poll-max = {ours.idle_poll_max} is not allowed; use --idle-poll ({ours.idle_poll}) "
+                     "to 60 seconds")
+    if not ours.task_poll <= ours.task_poll_max <= 60:
+        parser.error(f"--task-poll-max = {ours.task_poll_max} is not allowed; use --task-poll ({ours.task_poll}) "
+                     "to 60 seconds")
+    if not 0 <= ours.idle_after <= 3600:
+        parser.error(f"--idle-after = {ours.idle_after} is not allowed; use 0 to 3600 seconds")
     if not 0 <= ours.first_connect_wait <= 600:
         parser.error(f"--first-connect-wait = {ours.first_connect_wait} is not allowed; use 0 (no check) to 600 s")
     node_config = _option(flower_args, "--node-config")
@@ -174,10 +217,16 @@ def main(argv: list[str] | None = None) -> None:
         if isolation is None:
             flower_args += ["--isolation", "process"]
         if not asking_help:
-            supervise(executor_command(flower_args, os.getpid(), ours.task_poll))
+            supervise(executor_command(flower_args, os.getpid(), ours.task_poll, ours.task_poll_max,
+                                       ours.idle_after))
     else:
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-    supernode_loop.time = CappedSleep(ours.idle_poll)
+    idle = IdleBackoff(ours.idle_poll, ours.idle_poll_max, ours.idle_after, name="fl-distill-supernode")
+    supernode_loop.time = CappedSleep(ours.idle_poll, idle)
+    # work: a pulled message (its run ID back), and a pushed reply (idle time counts from there)
+    supernode_loop._pull_and_store_message = noticing_work(supernode_loop._pull_and_store_message, idle,
+                                                           worked=lambda run_id: run_id is not None)
+    supernode_loop._push_messages = noticing_work(supernode_loop._push_messages, idle)
     supernode_loop.pull_objects = functools.partial(supernode_loop.pull_objects, **OBJECT_PULL_RETRY)
     sys.argv = ["flower-supernode", *flower_args]  # Flower names its telemetry event after argv[0]
     flower_supernode()

@@ -130,14 +130,14 @@ def supernode_command(executor: str = "warm") -> list[str]:
 
 def start_supernodes(
     flwr_home: Path, ports: Ports, count: int, first_runtime_port: int, executor: str = "warm",
-    node_configs: dict[int, str] | None = None,
+    node_configs: dict[int, str] | None = None, extra: Iterable[str] = (),
 ) -> list[subprocess.Popen]:
     """``count`` SuperNodes on 127.0.0.1, node i holding partition i of ``count``, its delivered models in
     ``flwr_home/models-<i>`` (each node its own model folder, as on separate machines); ``node_configs``:
-    more node config for node i, e.g. {2: 'model="small"'}."""
+    more node config for node i, e.g. {2: 'model="small"'}; ``extra``: more arguments for every node."""
     return [
         start(
-            [*supernode_command(executor), "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
+            [*supernode_command(executor), *extra, "--insecure", "--superlink", f"127.0.0.1:{ports.fleet}",
              "--port", str(first_runtime_port + i), "--node-config",
              f"partition-id={i} num-partitions={count} model-dir=\"{flwr_home / f'models-{i}'}\" "
              f"{(node_configs or {}).get(i, '')}".strip()],

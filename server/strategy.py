@@ -246,6 +246,8 @@ class DistillStrategy(Strategy):
         families.sent = unpack(self.global_arrays, families.families)  # what this round sent, per family
         valid, errors, rejected = families.screen(replies)
         capped: list[dict] = []
+        named = {r.metadata.src_node_id: int(next(iter(r.content.metric_records.values())).get("partition-id", -1))
+                 for r in valid}  # the partition each client says it trained (-1: own data), for metrics.jsonl
         if self.example_counts is not None:  # num-examples against the partition's size; own data capped
             valid, miscounted, capped = self.example_counts.check(valid, self.num_partitions,
                                                                   families.weighted_by_key)
@@ -280,7 +282,9 @@ class DistillStrategy(Strategy):
             held = {r.metadata.src_node_id: arrays for r, (_, arrays) in zip(valid, client_arrays)}
             self.recorded = {p: arrays for node, arrays in held.items()
                              if (p := self.partition_of[node] % self.num_partitions) in self.record_partitions}
-        clients = [{"node-id": r.metadata.src_node_id, **dict(next(iter(r.content.metric_records.values()))),
+        clients = [{"node-id": r.metadata.src_node_id,
+                    "partition-id": named[r.metadata.src_node_id],
+                    **dict(next(iter(r.content.metric_records.values()))),
                     **({"model-family": families.family(r.metadata.src_node_id)} if mixed else {})} for r in valid]
         arrays, metrics = families.aggregate_train(server_round, valid + errors)
         stats: dict = {
