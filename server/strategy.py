@@ -28,7 +28,7 @@ from server.families import ModelFamilies, family_roster, family_stats
 from server.fusion_check import FusionCheck
 from server.privacy import dp_sgd_rounds
 from server.sampling import SampledGrid, ask_nodes, sample, wait_for_nodes
-from server.validation import ExampleCounts, clip_update
+from server.validation import OWN_DATA, ExampleCounts, clip_update
 
 
 def content_digest(reply: Message) -> bytes:
@@ -246,8 +246,8 @@ class DistillStrategy(Strategy):
         families.sent = unpack(self.global_arrays, families.families)  # what this round sent, per family
         valid, errors, rejected = families.screen(replies)
         capped: list[dict] = []
-        named = {r.metadata.src_node_id: int(next(iter(r.content.metric_records.values())).get("partition-id", -1))
-                 for r in valid}  # the partition each client says it trained (-1: own data), for metrics.jsonl
+        named = {r.metadata.src_node_id: int(next(iter(r.content.metric_records.values())).get("partition-id", OWN_DATA))
+                 for r in valid}  # the partition each client says it trained, for metrics.jsonl
         if self.example_counts is not None:  # num-examples against the partition's size; own data capped
             valid, miscounted, capped = self.example_counts.check(valid, self.num_partitions,
                                                                   families.weighted_by_key)
