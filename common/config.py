@@ -19,7 +19,7 @@ from common.model_families import FamilyError, mixing_problem, parse_families, p
 from common.models import MODEL_FAMILIES
 
 DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
-PARTITIONINGS = ("iid", "dirichlet", "shards")
+PARTITIONINGS = ("iid", "dirichlet", "shards", "sampled")
 DISTILL_MODES = ("off", "global", "ensemble")
 DISTILL_TARGETS = ("student", "global", "both")
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,6 +71,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "download": (bool, ((lambda v: True), "true or false")),
     "partitioning": (str, _choice(PARTITIONINGS)),
     "dirichlet-alpha": (float, _range(0, lo_open=True)),
+    "examples-per-client": (int, _range(1)),
     "num-partitions": (int, _range(0)),
     "seed": (int, _range(0, 2**63 - 1)),
     "distill": (str, _choice(DISTILL_MODES)),
@@ -210,6 +211,7 @@ class RunConfig:
     download: bool
     partitioning: str
     dirichlet_alpha: float
+    examples_per_client: int
     num_partitions: int
     seed: int
     distill: str

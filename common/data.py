@@ -161,7 +161,8 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float
         return _no_empty(_dirichlet(labels, num_partitions, alpha, rng), rng)
     if scheme == "shards":
         return _no_empty(_shards(labels, num_partitions, rng), rng)
-    raise ConfigError(f"partitioning = {scheme!r} is not allowed; use 'iid', 'dirichlet' or 'shards'")
+    raise ConfigError(f"partitioning = {scheme!r} is not allowed here; use 'iid', 'dirichlet' or 'shards' "
+                      "('sampled' draws each client's data on its own: sampled_partition)")
 
 
 def _no_empty(parts: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -230,9 +231,25 @@ def pool_size(config: RunConfig) -> int:
     return len(split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool)
 
 
-def _pool_partitions(config: RunConfig, num_partitions: int) -> tuple[Dataset, np.ndarray, list[np.ndarray]]:
+def sampled_partition(pool_size: int, partition_id: int, examples_per_client: int, seed: int) -> np.ndarray:
+    """Cross-device data (``partitioning = "sampled"``): client ``partition_id``'s own draw of
+    ``examples_per_client`` distinct positions in a pool of ``pool_size`` (all of it if smaller).
+
+    Each client's draw depends only on ``(seed, partition_id)``, so a client computes its own in
+    O(examples) whatever the number of clients, and the draws of two clients overlap: any number of
+    clients holds data, at the price of examples shared between clients (unlike the disjoint schemes).
+    """
+    rng = np.random.default_rng([seed, 1, partition_id])
+    return np.sort(rng.choice(pool_size, size=min(examples_per_client, pool_size), replace=False))
+
+
+def _pool(config: RunConfig) -> tuple[Dataset, np.ndarray]:
     data = load_dataset(config.dataset, config.data_root, config.download)
-    pool = split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool
+    return data, split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool
+
+
+def _pool_partitions(config: RunConfig, num_partitions: int) -> tuple[Dataset, np.ndarray, list[np.ndarray]]:
+    data, pool = _pool(config)
     parts = partition(data.labels[pool].numpy(), num_partitions, config.partitioning, config.dirichlet_alpha, config.seed)
     return data, pool, parts
 
@@ -241,6 +258,9 @@ def client_set(config: RunConfig, partition_id: int, num_partitions: int) -> Dat
     """Client ``partition_id``'s share of the clients' pool."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id = {partition_id} is not allowed; use 0..{num_partitions - 1}")
+    if config.partitioning == "sampled":
+        data, pool = _pool(config)
+        return data.subset(pool[sampled_partition(len(pool), partition_id, config.examples_per_client, config.seed)])
     data, pool, parts = _pool_partitions(config, num_partitions)
     return data.subset(pool[parts[partition_id]])
 
@@ -248,4 +268,6 @@ def client_set(config: RunConfig, partition_id: int, num_partitions: int) -> Dat
 def partition_sizes(config: RunConfig, num_partitions: int) -> list[int]:
     """How many examples each of the pool's ``num_partitions`` partitions holds: what each client's
     ``num-examples`` must be (``server/validation.py`` ``ExampleCounts``)."""
+    if config.partitioning == "sampled":
+        return [min(config.examples_per_client, len(_pool(config)[1]))] * num_partitions
     return [len(part) for part in _pool_partitions(config, num_partitions)[2]]

@@ -3,7 +3,7 @@ if [ ! -x .venv/bin/flwr ] || [ pyproject.toml -nt .venv/.installed ]; then
   echo "fl-distill: installing into .venv (first run takes a few minutes) ..."
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,onnx,dp,mnist5k]'
+  .venv/bin/python -m pip install -q -e '.[dev,onnx,dp,mnist5k,cluster]'
   touch .venv/.installed
 fi
 source .venv/bin/activate

@@ -1,7 +1,11 @@
 """Simulate a run on this host: a SuperLink in simulation mode, `flwr run`, status check.
 
-    python -m scripts.simulate [--clients N] [--run-config "k=v ..."]
+    python -m scripts.simulate [--clients N] [--run-config "k=v ..."] [--ray-address HOST:PORT]
 
+With ``--ray-address`` (or ``RAY_ADDRESS`` set) the virtual clients run on that existing Ray
+cluster (``ray start --head`` on one machine, ``ray start --address`` on the others): Flower's
+Ray backend calls ``ray.init()``, which joins the cluster ``RAY_ADDRESS`` names, and places one
+ClientApp actor per ``client-resources-num-cpus`` free CPUs of every node (docs/deployment.md).
 The SuperLink is started for this run and stopped afterwards, so nothing is
 left listening. Exits non-zero unless Flower reports the run
 'finished:completed' (`flwr run` itself exits 0 even when a run fails).
@@ -10,6 +14,7 @@ left listening. Exits non-zero unless Flower reports the run
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flwr.common.config import get_project_config, parse_config_args
@@ -36,8 +41,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10, help="virtual clients (SuperNodes), default 10")
     parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "num-server-rounds=3"')
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", ""),
+                        help="an existing Ray cluster's head, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else a "
+                             "one-host Ray instance started for the run)")
     parser.add_argument("--flwr-home", default=str(launch.REPO / ".flwr"), help="Flower home (state, logs)")
     args = parser.parse_args(argv)
+    if args.ray_address and (":" not in args.ray_address or not args.ray_address.rsplit(":", 1)[1].isdigit()):
+        parser.error(f"--ray-address = {args.ray_address!r} is not allowed; use the head's HOST:PORT, as "
+                     "`ray start --head` prints it (e.g. 10.0.0.5:6379)")
     if args.clients < 1:
         parser.error(f"--clients = {args.clients} is not allowed; use 1 or more")
     try:
@@ -58,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     home = launch.Path(args.flwr_home)
+    if args.ray_address:  # inherited by the SuperLink's simulation process, where Flower calls ray.init()
+        os.environ["RAY_ADDRESS"] = args.ray_address
     launch.write_connection(home, CONNECTION, launch.Ports().address)
     superlink = launch.start_superlink(home, launch.Ports(), simulation=True)
     try:

@@ -25,6 +25,7 @@ from server.delivery import Delivery, delivered_models
 from server.distillation import ServerDistillation
 from server.families import ModelFamilies
 from server.fusion_check import FusionCheck
+from server.message_index import index_pending_messages
 from server.privacy import with_privacy
 from server.reply_poll import ShortPollGrid
 from server.sampling import NoNodesError
@@ -51,6 +52,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
+    if isinstance(grid, InMemoryGrid):  # simulation: node lookups that do not scan every pending message
+        index_pending_messages(grid.state)
     torch.manual_seed(config.seed)  # the same seed gives the same initial models
     families = config.families
     models = {family: build_model(family, test_set.input_shape, test_set.num_classes) for family in families}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError
-from common.data import client_set, load_dataset, partition, server_sets, split_indices
+from common.data import client_set, load_dataset, partition, partition_sizes, server_sets, split_indices
 from common.image_folder import load_image_folder
 from tests.dataset_files import write_cifar10, write_idx_mnist, write_image_folder
 
@@ -56,6 +56,19 @@ def test_shards_give_each_client_at_most_a_few_labels():
 def test_too_many_partitions_is_a_clear_error():
     with pytest.raises(ConfigError, match="num-partitions = 20 is not allowed; use 1..10"):
         partition(np.zeros(10, dtype=int), 20, "iid", 1.0, 0)
+
+
+def test_sampled_partitioning_gives_any_number_of_clients_their_own_repeatable_draw(config):
+    sampled = dataclasses.replace(config, partitioning="sampled", examples_per_client=20)
+    proxy, test = server_sets(sampled)
+    server_images = {bytes(x.numpy()) for x in (*proxy.images, *test.images)}
+    first, again, other = (client_set(sampled, p, 10_000) for p in (9_999, 9_999, 3))
+    assert len(first) == len(other) == 20 and partition_sizes(sampled, 10_000) == [20] * 10_000
+    assert first.images.equal(again.images)  # one client, one draw, whoever computes it
+    assert not first.images.equal(other.images)
+    assert not {bytes(x.numpy()) for x in first.images} & server_images  # from the pool only
+    whole = dataclasses.replace(sampled, examples_per_client=10**6)  # more than the pool: all of it
+    assert len(client_set(whole, 0, 2)) == partition_sizes(whole, 2)[0] < 10**6
 
 
 def test_every_process_derives_the_same_disjoint_client_server_views(config):

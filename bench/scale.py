@@ -1,0 +1,136 @@
+"""Thousands of virtual clients: peak memory and round time as the federation grows.
+
+    python -m bench.scale [--clients 100,1000,10000] [--per-round 100] [--rounds 2]
+
+For each count, in one invocation: a simulation SuperLink, ``flwr run`` of the app with that many
+virtual clients (``num-supernodes``), ``--per-round`` of them sampled per round (``fraction-train``),
+one local epoch, no distillation, on the cross-device setting ``partitioning="sampled"``: each
+client holds its own draw of ``examples-per-client`` digits (draws overlap between clients, so any
+count of clients holds data; docs/configuration.md). While it runs, every 0.5 s, it reads the
+machine's used memory (``MemTotal - MemAvailable``, ``/proc/meminfo``) and the proportional set size
+(``Pss``, ``/proc/PID/smaps_rollup``) of every process under the SuperLink, grouped by program.
+Prints, per count: peak machine memory over the idle machine, the PSS at that peak by program, each
+round's wall seconds (``metrics.jsonl`` ``round-seconds``; round 1 includes asking nodes), and
+writes ``bench/results/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from scripts import launch
+
+PORTS = launch.Ports(http=8900, fleet=9992)
+
+
+def used_mb() -> float:
+    """The machine's used memory in MB (what other programs could not have)."""
+    info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def program(pid: int) -> str:
+    """A short name for ``pid``: Ray's process title (``ray::ClientAppActor``) or the program it runs."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    first = args[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0]
+    words = [a.decode(errors="replace") for a in args[:3] if a]
+    name = next((Path(w).name for w in words if not Path(w).name.startswith("python")), Path(first).name)
+    return name[:32]
+
+
+def pss_by_program(root: int) -> dict[str, float]:
+    """{program: summed Pss in MB} over ``root``'s process tree."""
+    totals: Counter = Counter()
+    for pid in launch.process_tree(root):
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+            totals[program(pid)] += kb / 1024
+        except (OSError, StopIteration):
+            continue
+    return dict(totals)
+
+
+def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
+    home, out = folder / f"flwr-home-{clients}", folder / f"out-{clients}"
+    launch.write_connection(home, "scale", PORTS.address)
+    time.sleep(3)
+    idle = used_mb()
+    superlink = launch.start_superlink(home, PORTS, simulation=True)
+    peak, peak_pss, started = 0.0, {}, time.monotonic()
+    try:
+        run_config = (f'num-server-rounds={args.rounds} fraction-train={min(1.0, args.per_round / clients):.6g} '
+                      f'min-nodes=2 local-epochs=1 distill="off" partitioning="sampled" '
+                      f'examples-per-client={args.examples} out-dir="{out}"')
+        run_id = launch.flwr_run(home, "scale", run_config, f"num-supernodes={clients} client-resources-num-cpus=1",
+                                 stream=False, echo=lambda _: None)
+        next_status = 0.0
+        while True:
+            if (now := used_mb() - idle) > peak:
+                peak, peak_pss = now, pss_by_program(superlink.pid)
+            if time.monotonic() > next_status:
+                if (status := launch.run_status(home, "scale", run_id)).startswith("finished"):
+                    break
+                if time.monotonic() - started > args.timeout:
+                    raise TimeoutError(f"{clients} clients: not finished after {args.timeout:g} s ({status})")
+                next_status = time.monotonic() + 5
+            time.sleep(0.5)
+    finally:
+        launch.stop([superlink])
+    if status != "finished:completed":
+        raise RuntimeError(f"{clients} clients: the run ended {status}; see {home / 'superlink.log'}")
+    rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
+    return {"clients": clients, "per-round": min(clients, args.per_round), "peak-mb-over-idle": peak,
+            "pss-mb-at-peak": peak_pss, "round-seconds": [r["round-seconds"] for r in rows if r["round"] > 0],
+            "wall-seconds": time.monotonic() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="100,1000,10000", help="comma-separated virtual client counts")
+    parser.add_argument("--per-round", type=int, default=100, help="clients sampled per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=20, help="examples-per-client")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per count before giving up")
+    args = parser.parse_args(argv)
+    try:
+        counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients = {args.clients!r} is not allowed; use counts separated by commas, e.g. 100,1000")
+    if min(counts) < 2 or args.per_round < 2 or args.rounds < 1 or args.examples < 1:
+        parser.error("use --clients counts >= 2, --per-round >= 2, --rounds >= 1 and --examples >= 1")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fl-distill-scale-") as tmp:
+        for clients in counts:
+            results.append(measure(clients, args, Path(tmp)))
+            r = results[-1]
+            print(f"bench.scale: {clients} clients: peak {r['peak-mb-over-idle']:.0f} MB over idle, rounds "
+                  + ", ".join(f"{s:.1f}" for s in r["round-seconds"]) + " s", file=sys.stderr, flush=True)
+    print(f"bench.scale: {args.per_round} sampled per round, {args.rounds} rounds, 1 local epoch, distill off, "
+          f"digits, partitioning='sampled' ({args.examples} examples per client)")
+    print(f"{'clients':>8} {'peak MB over idle':>18} {'round 1 s':>10} {'later rounds s':>15}  PSS at peak (MB)")
+    for r in results:
+        later = r["round-seconds"][1:]
+        pss = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["pss-mb-at-peak"].items(), key=lambda kv: -kv[1]))
+        print(f"{r['clients']:>8} {r['peak-mb-over-idle']:>18.0f} {r['round-seconds'][0]:>10.1f} "
+              f"{(sum(later) / len(later)) if later else float('nan'):>15.1f}  {pss}")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"memory per added client: {1024 * (b['peak-mb-over-idle'] - a['peak-mb-over-idle']) / (b['clients'] - a['clients']):.1f} KB")
+    target = launch.REPO / "bench" / "results" / "scale.json"
+    target.write_text(json.dumps({"per-round": args.per_round, "rounds": args.rounds, "examples-per-client":
+                                  args.examples, "results": results}, indent=2))
+    print(f"written: {target.relative_to(launch.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
