@@ -227,8 +227,7 @@ def server_sets(config: RunConfig) -> tuple[Dataset, Dataset]:
 
 def pool_size(config: RunConfig) -> int:
     """How many examples the clients' pool holds (the default δ of differential privacy is its inverse)."""
-    data = load_dataset(config.dataset, config.data_root, config.download)
-    return len(split_indices(len(data), config.proxy_fraction, config.test_fraction, config.seed).pool)
+    return len(_pool(config)[1])
 
 
 def sampled_partition(pool_size: int, partition_id: int, examples_per_client: int, seed: int) -> np.ndarray:
@@ -269,5 +268,5 @@ def partition_sizes(config: RunConfig, num_partitions: int) -> list[int]:
     """How many examples each of the pool's ``num_partitions`` partitions holds: what each client's
     ``num-examples`` must be (``server/validation.py`` ``ExampleCounts``)."""
     if config.partitioning == "sampled":
-        return [min(config.examples_per_client, len(_pool(config)[1]))] * num_partitions
+        return [min(config.examples_per_client, pool_size(config))] * num_partitions
     return [len(part) for part in _pool_partitions(config, num_partitions)[2]]

@@ -5,7 +5,7 @@
 With ``--ray-address`` (or ``RAY_ADDRESS`` set) the virtual clients run on that existing Ray
 cluster (``ray start --head`` on one machine, ``ray start --address`` on the others): Flower's
 Ray backend calls ``ray.init()``, which joins the cluster ``RAY_ADDRESS`` names, and places one
-ClientApp actor per ``client-resources-num-cpus`` free CPUs of every node (docs/deployment.md).
+ClientApp actor per ``client-resources-num-cpus`` free CPUs of every node (docs/scale.md).
 The SuperLink is started for this run and stopped afterwards, so nothing is
 left listening. Exits non-zero unless Flower reports the run
 'finished:completed' (`flwr run` itself exits 0 even when a run fails).

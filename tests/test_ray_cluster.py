@@ -28,7 +28,7 @@ DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 def ray_node(head: bool, log: Path, temp_dir: Path):
     """One ``ray start --block`` (its Ray processes share its process group, so ``launch.stop`` ends them all)."""
-    role = ([f"--head", f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+    role = (["--head", f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={DASHBOARD_PORT}", f"--temp-dir={temp_dir}"] if head
             else [f"--address=127.0.0.1:{GCS_PORT}"])
     cmd = [launch.bin_path("ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
