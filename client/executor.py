@@ -23,7 +23,8 @@ The executor exits when its SuperNode goes away: at once when ``--parent-pid``
 ``--supernode-timeout`` seconds. Stopped on its own (SIGTERM/SIGINT), it first
 lets running tasks finish; tasks end with the SuperNode, never half-way with
 the executor (flwr 1.39's SuperNode would wait for their reply for good). It logs a line per task: run, message type,
-seconds, exit code, and the PID of the warm parent the task was forked from.
+seconds, exit code, the PID of the warm parent the task was forked from, and whether that parent had initialised
+CUDA (it must not: ``tests/test_gpu.py`` checks it on a GPU).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run_task(address: str, token: str, certificates: bytes | None, supernode_pid
         except OSError:
             pass
 
-    report({"pid": os.getpid(), "ppid": os.getppid()})
+    report({"pid": os.getpid(), "ppid": os.getppid(), "parent-cuda": parent_initialised_cuda()})
     from flwr.supernode.runtime import run_clientapp as runtime  # preloaded: no import cost
 
     pull_task_input, push_message = runtime.pull_task_input, runtime.push_message
@@ -123,8 +124,22 @@ def run_task(address: str, token: str, certificates: bytes | None, supernode_pid
     )
 
 
+def parent_initialised_cuda() -> bool:
+    """Whether the process this one was forked from had initialised torch's CUDA state (False without torch).
+
+    Read in a freshly forked child: torch marks the child of a parent that had called its CUDA lazy init as a
+    "bad fork" (``torch.cuda._is_in_bad_fork``, set by its fork handler), and such a child cannot use the GPU.
+    """
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and (torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork()))
+
+
 def _report_warm_parent(reports: Connection) -> None:
     reports.send(os.getppid())
+
+
+def _report_parent_cuda(reports: Connection) -> None:
+    reports.send(parent_initialised_cuda())
 
 
 class WarmExecutor:
@@ -151,6 +166,17 @@ class WarmExecutor:
         child.join()
         return time.perf_counter() - started
 
+    def parent_initialised_cuda(self) -> bool:
+        """Whether the warm parent has initialised torch's CUDA (then no task could use the GPU), read by a probe
+        forked from it (:func:`parent_initialised_cuda`). Call after :meth:`warm_up`."""
+        receive, send = self.context.Pipe(duplex=False)
+        child = self.context.Process(target=_report_parent_cuda, args=(send,), daemon=True)
+        child.start()
+        send.close()
+        initialised = receive.recv()
+        child.join()
+        return initialised
+
     def launch(self, task_id: int, token: str) -> None:
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
@@ -176,10 +202,11 @@ class WarmExecutor:
             info = task.info
             replied = "replied" if info.get("replied") else "NO REPLY"
             warm = "forked from the warm parent" if info.get("ppid") == self.warm_parent else "NOT from the warm parent"
-            log(INFO if task.process.exitcode == 0 and info.get("replied") else WARNING,
-                "fl-distill-executor: task %d run %s %s: %.2f s, exit %s, %s, pid %s, parent %s (%s)",
+            cuda = "HAD INITIALISED CUDA: no task can use the GPU" if info.get("parent-cuda") else "CUDA untouched"
+            log(INFO if task.process.exitcode == 0 and info.get("replied") and not info.get("parent-cuda") else WARNING,
+                "fl-distill-executor: task %d run %s %s: %.2f s, exit %s, %s, pid %s, parent %s (%s; %s)",
                 task.task_id, info.get("run", "?"), info.get("message-type", "?"), time.perf_counter() - task.started,
-                task.process.exitcode, replied, info.get("pid", "?"), info.get("ppid", "?"), warm)
+                task.process.exitcode, replied, info.get("pid", "?"), info.get("ppid", "?"), warm, cuda)
 
     def wait_for_tasks(self) -> None:
         """Let running tasks finish: stopping one half-way would leave its SuperNode waiting for a reply."""

@@ -19,7 +19,8 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
   a CA that did not sign its certificate, or TLS asked of a plaintext one exits with the cause
   and the flag to change, where ``flower-supernode`` would retry for ever.
 - ``--node-config`` is checked before anything starts (``common.config.check_node_config``):
-  an unknown key or a bad value (``model-dir`` that is a file, ``device="gpu"``) stops it with the reason.
+  an unknown key or a bad value (``model-dir`` that is a file, ``device="gpu"``, ``device="cuda"`` where
+  no CUDA device is visible) stops it with the reason.
 - Short polls that back off when idle: flwr 1.39 hard-codes ``time.sleep(3)`` between the
   SuperNode's pulls when it has no work, and ``time.sleep(0.5)`` while it waits for a
   ClientApp's reply or object (``flwr/supernode/start_client_internal.py``). This launcher
@@ -156,6 +157,23 @@ def preflight(flower_args: list[str], wait: float) -> None:
         sys.exit(f"fl-distill-supernode: cannot start: {err}")
 
 
+CUDA_PROBE = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+
+
+def check_cuda_visible(node_config: dict) -> None:
+    """With ``device="cuda"`` in the node config, exit at start unless torch sees a CUDA device here.
+
+    Asked of a short-lived child process (~3 s, only for ``cuda``): this process does not import torch, and
+    ``torch.cuda.is_available()`` initialises the CUDA driver in the process that calls it.
+    """
+    if node_config.get("device") != "cuda":
+        return
+    if subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True).returncode != 0:
+        sys.exit("fl-distill-supernode: cannot start: node config device = 'cuda' but no CUDA device is visible "
+                 "here (torch.cuda.is_available() is false: no NVIDIA GPU, driver or CUDA build of torch); "
+                 "use device=\"auto\" or device=\"cpu\"")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="fl-distill-supernode", add_help=False, usage="%(prog)s [OPTIONS] FLOWER-SUPERNODE-ARGS...",
@@ -201,9 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     node_config = _option(flower_args, "--node-config")
     if node_config is not None:  # refused here, at start, not at the first message
         try:
-            check_node_config(parse_config_args([node_config]))
+            parsed = parse_config_args([node_config])
+            check_node_config(parsed)
         except (ConfigError, ValueError, click.ClickException) as err:
             parser.error(f"--node-config {node_config!r}: {getattr(err, 'message', err)}")
+        if not asking_help:
+            check_cuda_visible(parsed)
     isolation = _option(flower_args, "--isolation")
     if ours.executor == "warm" and isolation not in (None, "process"):
         parser.error(f"--isolation {isolation} does not go with --executor warm; "

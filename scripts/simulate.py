@@ -1,6 +1,10 @@
 """Simulate a run on this host: a SuperLink in simulation mode, `flwr run`, status check.
 
     python -m scripts.simulate [--clients N] [--run-config "k=v ..."] [--ray-address HOST:PORT]
+                               [--client-gpus SHARE]
+
+With ``--client-gpus 0.25`` each virtual client reserves a quarter of a GPU from Ray, so four share one
+(docs/gpu.md); ``device="cuda"`` in the run config where no CUDA device is visible is refused here.
 
 With ``--ray-address`` (or ``RAY_ADDRESS`` set) the virtual clients run on that existing Ray
 cluster (``ray start --head`` on one machine, ``ray start --address`` on the others): Flower's
@@ -44,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", ""),
                         help="an existing Ray cluster's head, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else a "
                              "one-host Ray instance started for the run)")
+    parser.add_argument("--client-gpus", type=float, default=0.0,
+                        help="the share of a GPU each virtual client reserves (Ray's num_gpus), e.g. 0.25: four "
+                             "clients train on one GPU at a time; 0 (default): none, clients run on the CPU")
     parser.add_argument("--flwr-home", default=str(launch.REPO / ".flwr"), help="Flower home (state, logs)")
     args = parser.parse_args(argv)
     if args.ray_address and (":" not in args.ray_address or not args.ray_address.rsplit(":", 1)[1].isdigit()):
@@ -51,10 +58,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
                      "`ray start --head` prints it (e.g. 10.0.0.5:6379)")
     if args.clients < 1:
         parser.error(f"--clients = {args.clients} is not allowed; use 1 or more")
+    if not 0 <= args.client_gpus <= 1:
+        parser.error(f"--client-gpus = {args.client_gpus} is not allowed; use a share of one GPU, 0 to 1")
     try:
         config = run_config(args.run_config)
     except ConfigError as err:
         parser.error(str(err))
+    if config.device == "cuda" or args.client_gpus > 0:  # clients and server run on this host: check it now
+        from common.training import setup_compute  # imports torch: only when a GPU is asked for
+
+        try:
+            setup_compute("cuda")
+        except ConfigError as err:
+            parser.error(f"run config {err}" if config.device == "cuda" else
+                         f"--client-gpus = {args.client_gpus} needs a GPU, but no CUDA device is visible here; "
+                         "drop --client-gpus")
+    if args.client_gpus > 0 and config.device == "cpu":
+        parser.error(f"--client-gpus = {args.client_gpus} with run config device = 'cpu' would reserve GPUs that "
+                     "no client uses; use device=\"auto\" or \"cuda\", or drop --client-gpus")
     if args.clients < config.min_nodes:
         # In simulation the node count is fixed at start: every round would wait
         # node-wait-timeout for nodes that cannot exist.
@@ -76,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_id = launch.flwr_run(
             home, CONNECTION, args.run_config,
-            federation_config=f"num-supernodes={args.clients} client-resources-num-cpus=1",
+            federation_config=f"num-supernodes={args.clients} client-resources-num-cpus=1"
+                              f" client-resources-num-gpus={args.client_gpus:g}",
         )
         status = launch.wait_finished(home, CONNECTION, run_id, timeout=120)
     finally:

@@ -161,8 +161,9 @@ class Distiller:
         agreement with the slice's labels, in [0, 1]).
         """
         s, started = self.settings, time.perf_counter()
-        images = self.proxy_train.images
-        labels = self.proxy_train.labels if self.use_labels else None
+        # On the learner's device for the whole round: a step indexes its batch there (one copy a round).
+        images, teacher_logits = self.proxy_train.images.to(self.device), teacher_logits.to(self.device)
+        labels = self.proxy_train.labels.to(self.device) if self.use_labels else None
         best_acc, best_state, best_step, stale, loss, step = -1.0, None, 0, 0, torch.tensor(0.0), 0
         if validation is not None:
             best_acc = evaluate(self.learner, validation, self.device)["accuracy"]
@@ -171,13 +172,9 @@ class Distiller:
             idx = torch.randint(len(images), (min(s.batch_size, len(images)),), generator=self.generator)
             self.learner.train()
             self.optimizer.zero_grad()
-            loss = distillation_loss(
-                self.learner(images[idx].to(self.device)),
-                teacher_logits[idx].to(self.device),
-                s.temperature,
-                s.alpha,
-                None if labels is None else labels[idx].to(self.device),
-            )
+            idx = idx.to(self.device)
+            loss = distillation_loss(self.learner(images[idx]), teacher_logits[idx], s.temperature, s.alpha,
+                                     None if labels is None else labels[idx])
             loss.backward()
             self.optimizer.step()
             if validation is not None and (step % EARLY_STOP_EVERY == 0 or step == s.steps):
