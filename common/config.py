@@ -15,8 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.model_families import FamilyError, mixing_problem, parse_families, parse_partitions
-from common.models import MODEL_FAMILIES
+from common.model_families import MODEL_FAMILIES, FamilyError, mixing_problem, parse_families, parse_partitions
 
 DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet", "shards", "sampled")

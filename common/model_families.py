@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from common.models import MODEL_FAMILIES
+# The families by name: the CNN's (conv, conv, hidden) widths (common/models.py builds them). Kept here, not
+# beside the torch code, so that what only checks a family's name (the run and node config, a SuperNode
+# process) does not import torch: ~475 MB a process.
+TEACHER_WIDTHS = (64, 128, 512)
+STUDENT_WIDTHS = (32, 64, 128)
+MODEL_FAMILIES = {"large": TEACHER_WIDTHS, "small": STUDENT_WIDTHS}
 
 SEPARATOR = "/"
 

@@ -5,7 +5,7 @@ two fully connected layers. For 32x32x3 input the teacher is conv 3->64,
 conv 64->128, fc 128*8*8->512, fc 512->10; the student halves the conv widths
 and shrinks the hidden layer to 128. Any (C, H, W) input and class count works.
 
-The two widths are the model families (``MODEL_FAMILIES``): ``large`` is the
+The two widths are the model families (``common.model_families.MODEL_FAMILIES``): ``large`` is the
 teacher, the model every client trains by default; ``small`` is the student's
 architecture, which the server distils and which a weak device can train itself
 (``model = "small"`` in its node config; ``common/model_families.py``).
@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-TEACHER_WIDTHS = (64, 128, 512)
-STUDENT_WIDTHS = (32, 64, 128)
-MODEL_FAMILIES = {"large": TEACHER_WIDTHS, "small": STUDENT_WIDTHS}  # family name -> widths
+from common.model_families import MODEL_FAMILIES
 
 
 class ConvNet(nn.Module):
