@@ -17,9 +17,9 @@ In one invocation, on ``--device`` (``auto``: CUDA when visible):
    clients); the median round wall time, the slowest client's training and the distillation.
 
 Each timed pair alternates over ``--trials`` trials after one warm-up; medians are printed. ``--json``
-writes every figure (with the GPU's name, torch's version and the CUDA version). ``--smoke`` is a seconds-long
-run of parts 1 and 2 (digits, a quarter of the pool, one trial, one epoch, 20 steps, no deployment) that
-checks the benchmark works.
+writes every figure (with the GPU's name, torch's version and the CUDA version), after each part.
+``--smoke`` is a seconds-long run of parts 1 and 2 (digits, a quarter of the pool, one trial, one epoch,
+20 steps, no deployment) that checks the benchmark works.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import client_set, server_sets
 from common.models import build_student, build_teacher
 from common.training import predict_logits, setup_compute
@@ -185,6 +185,14 @@ def describe(device: torch.device) -> dict:
     return info
 
 
+def save(path: Path | None, figures: dict) -> None:
+    """Write the figures so far to ``path`` (``--json``): after each part, so a run stopped by a time limit
+    (``scripts/gpu-check.sh``) keeps what it measured."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -200,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--datasets = {args.datasets!r} is not allowed; use digits and/or mnist-5k, comma-separated")
     if args.trials < 1 or args.rounds < 0:
         parser.error(f"--trials {args.trials} --rounds {args.rounds}: use --trials >= 1 and --rounds >= 0")
-    device = setup_compute(args.device)  # cuda without a GPU: refused, naming the key
+    try:
+        device = setup_compute(args.device)
+    except ConfigError as err:  # cuda without a GPU: refused, saying why
+        parser.error(f"--{err}")
     partitions = 1
     if args.smoke:
         args.trials, args.rounds, datasets, partitions = 1, 0, ["digits"], 4
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dataset}: distillation, {distill['steps']} steps of {distill['batch-size']} "
               f"(steps/s) Distiller {steps['distiller']:,.0f}, plain {steps['plain']:,.0f}, "
               f"ratio {distill['distiller/plain']:.2f}")
+        save(args.json, figures)
     if args.rounds:
         devices = ["cpu"] + (["cuda"] if device.type == "cuda" else [])
         figures["deployed-round"] = deployed_rounds(datasets[-1], devices, args.rounds)
@@ -230,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in figures["deployed-round"].items():
             print(f"  device={name:<5} round {row['round-seconds']:.2f} s, slowest client {row['client-seconds']:.2f} s, "
                   f"distillation {row['distill-seconds']:.2f} s, final accuracy {row['accuracy']:.4f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        save(args.json, figures)
     return 0
 
 

@@ -202,7 +202,8 @@ class WarmExecutor:
             info = task.info
             replied = "replied" if info.get("replied") else "NO REPLY"
             warm = "forked from the warm parent" if info.get("ppid") == self.warm_parent else "NOT from the warm parent"
-            cuda = "HAD INITIALISED CUDA: no task can use the GPU" if info.get("parent-cuda") else "CUDA untouched"
+            cuda = {True: "HAD INITIALISED CUDA: no task can use the GPU", False: "CUDA untouched"}.get(
+                info.get("parent-cuda"), "CUDA state not reported")  # not reported: the task died at once
             log(INFO if task.process.exitcode == 0 and info.get("replied") and not info.get("parent-cuda") else WARNING,
                 "fl-distill-executor: task %d run %s %s: %.2f s, exit %s, %s, pid %s, parent %s (%s; %s)",
                 task.task_id, info.get("run", "?"), info.get("message-type", "?"), time.perf_counter() - task.started,

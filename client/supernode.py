@@ -168,10 +168,15 @@ def check_cuda_visible(node_config: dict) -> None:
     """
     if node_config.get("device") != "cuda":
         return
-    if subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True).returncode != 0:
+    probe = subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True, text=True)
+    if probe.returncode == 3:
         sys.exit("fl-distill-supernode: cannot start: node config device = 'cuda' but no CUDA device is visible "
                  "here (torch.cuda.is_available() is false: no NVIDIA GPU, driver or CUDA build of torch); "
                  "use device=\"auto\" or device=\"cpu\"")
+    if probe.returncode != 0:  # torch itself failed: say how, not that the GPU is missing
+        last = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+        sys.exit(f"fl-distill-supernode: cannot start: node config device = 'cuda', but asking torch whether a "
+                 f"CUDA device is visible failed: {last}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,9 @@
 # no internet): installs the prepared wheels into a private folder (nothing in the machine's Python
 # changes), then runs `pytest -m gpu` (tests/test_gpu.py) and `python -m bench.gpu`, and writes into
 # --out (default gpu-check-out/): pytest.log, junit.xml, bench.log, gpu.json (the benchmark's figures)
-# and summary.json (GPU, versions, tests passed/failed/skipped, the figures). Within 8 minutes:
-# each step has its own time limit.
+# and summary.json (GPU, versions, tests passed/failed/skipped, the figures). Within 8 minutes: each step
+# has its own time limit, cut to what is left of GPU_CHECK_SECONDS (default 440) for all steps together; a
+# step past its limit gets SIGINT first, so pytest still writes junit.xml and stops the Flower processes.
 #
 # Prepare the wheels first, on a machine whose pip reaches a package index (this project's .venv):
 #   .venv/bin/python -m scripts.gpu_wheels prepare .whl     # ~31 MiB: flwr 1.39 and what it needs, mlxtend,
@@ -27,27 +28,37 @@ REPO=$PWD
 WHEELS=$REPO/.whl OUT=$REPO/gpu-check-out DRY=0 REHEARSE=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --wheels) WHEELS=$2; shift 2 ;;
-    --out) OUT=$2; shift 2 ;;
+    --wheels|--out)
+      [ $# -ge 2 ] || { echo "gpu-check: $1 needs a value; use --wheels DIR|none, --out DIR" >&2; exit 2; }
+      if [ "$1" = --wheels ]; then WHEELS=$2; else OUT=$2; fi; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --rehearse) REHEARSE=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^# Exit status/s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument '$1'; use --wheels DIR|none, --out DIR, --dry-run, --rehearse" >&2; exit 2 ;;
   esac
 done
+[ "$DRY" = 1 ] && [ "$REHEARSE" = 1 ] && { echo "gpu-check: --dry-run or --rehearse, not both" >&2; exit 2; }
 PY=${PYTHON:-python3}
 [ "$DRY" = 1 ] && [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 SITE=${FL_DISTILL_GPU_SITE:-/tmp/fl-distill-gpu-site}
 mkdir -p "$OUT"
+rm -f "$OUT"/{wheels,install,pytest,bench}.log "$OUT"/{junit.xml,gpu.json,summary.json}  # no earlier run's results
 started=$SECONDS
-failed=0
+BUDGET=${GPU_CHECK_SECONDS:-440}  # every step together; with the rest, the check ends within 8 minutes
+failed=0 failed_steps=()
 step() { echo "gpu-check: [$((SECONDS - started)) s] $*"; }
 run_logged() {  # LIMIT LOG COMMAND...: run with a time limit, output to the terminal and LOG
   local limit=$1 log=$2; shift 2
+  local left=$((BUDGET - (SECONDS - started)))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    step "FAILED: no time left of GPU_CHECK_SECONDS=$BUDGET for: $*"; failed=1; failed_steps+=("$log: not run"); return 1
+  fi
   step "$*  (limit ${limit} s, log $log)"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+  timeout -s INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { step "FAILED (exit $rc): $*"; failed=1; }
+  [ "$rc" = 0 ] || { step "FAILED (exit $rc$([ "$rc" = 124 ] && echo ": past its $limit s")): $*"; failed=1
+                     failed_steps+=("$log: exit $rc"); }
   return "$rc"
 }
 
@@ -71,7 +82,7 @@ if [ "$WHEELS" != none ]; then
     step "the wheels install for CPython 3.12 on x86_64 ($(du -sm "$SCRATCH" | cut -f1) MB, scripts present)"
   else
     rm -rf "$SITE"
-    run_logged 180 "$OUT/install.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+    run_logged 90 "$OUT/install.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
       "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
   fi
@@ -83,7 +94,7 @@ if [ "$DRY" = 1 ]; then
   run_logged 300 "$OUT/pytest.log" "${TESTS[@]}"
   "$PY" - "$OUT/junit.xml" <<'EOF' || failed=1
 import sys, xml.etree.ElementTree as ET
-cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+cases = [c for c in ET.parse(sys.argv[1]).getroot().iter("testcase") if c.get("name")]
 skipped = [c.find("skipped") for c in cases]
 if len(skipped) < 5 or any(s is None or not s.get("message") for s in skipped):
     sys.exit(f"gpu-check: expected every GPU test skipped with its reason here; got {len(skipped)} tests")
@@ -93,17 +104,19 @@ EOF
   step "a real run executes: ${TESTS[*]}"
   step "                     ${BENCH[*]}"
 else
-  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || [ "$REHEARSE" = 1 ] ||
+  timeout 120 "$PY" -c 'import torch' ||
+    { echo "gpu-check: $PY cannot import torch (above); set PYTHON=/path/to/the/python/with/torch" >&2; exit 2; }
+  timeout 120 "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' || [ "$REHEARSE" = 1 ] ||
     { echo "gpu-check: torch sees no CUDA device here (torch.cuda.is_available() is False); nothing to check" >&2; exit 2; }
-  run_logged 300 "$OUT/pytest.log" "${TESTS[@]}"
+  run_logged 240 "$OUT/pytest.log" "${TESTS[@]}"
   [ "$REHEARSE" = 1 ] && BENCH+=(--datasets digits --trials 1)  # the CPU is many times slower
-  run_logged 240 "$OUT/bench.log" "${BENCH[@]}"
+  run_logged 240 "$OUT/bench.log" "${BENCH[@]}"  # gets what the budget has left (gpu.json: written part by part)
 fi
 
-"$PY" - "$OUT" "$DRY" "$((SECONDS - started))" <<'EOF'
+"$PY" - "$OUT" "$DRY" "$((SECONDS - started))" ${failed_steps[@]+"${failed_steps[@]}"} <<'EOF'
 import json, pathlib, sys, xml.etree.ElementTree as ET
 out, dry, seconds = pathlib.Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
-summary = {"dry-run": dry, "seconds": seconds}
+summary = {"dry-run": dry, "seconds": seconds, "failed-steps": sys.argv[4:]}  # exit 124: stopped at its limit
 try:
     import torch
     summary.update(torch=torch.__version__, cuda=torch.version.cuda,
@@ -111,7 +124,8 @@ try:
 except Exception as err:  # the summary is written whatever failed
     summary["torch"] = f"not importable: {err}"
 if (out / "junit.xml").exists():
-    cases = list(ET.parse(out / "junit.xml").getroot().iter("testcase"))
+    # a test stopped at the step's limit (SIGINT) is written without a name: it is not a result
+    cases = [c for c in ET.parse(out / "junit.xml").getroot().iter("testcase") if c.get("name")]
     state = lambda c: next((t for t in ("failure", "error", "skipped") if c.find(t) is not None), "passed")
     summary["tests"] = {c.get("name"): state(c) for c in cases}
 if (out / "gpu.json").exists():

@@ -97,14 +97,18 @@ def _supported(tags: frozenset[Tag], python: tuple[int, int]) -> bool:
 
 def check(folder: Path, with_ray: bool = False, python: tuple[int, int] = PYTHON) -> list[str]:
     """What is wrong with ``folder`` as the GPU machine's wheels: missing, duplicate, wrong-version or
-    foreign-platform wheels, no project wheel, or more than ``LIMIT_MIB``. Empty when it is complete."""
-    want = needed(with_ray, python)
+    foreign-platform wheels, no project wheel, or more than ``LIMIT_MIB``. Empty when it is complete.
+
+    A folder holding a ray wheel (``prepare --with-ray``) is checked as one made with ``with_ray``, and has no
+    size limit: it is for a machine the folder reaches another way than with the checkout."""
     wheels: dict[str, list[tuple[str, Path]]] = {}
     for path in sorted(folder.glob("*.whl")):
         name, version, _, tags = parse_wheel_filename(path.name)
         if not _supported(tags, python):
             return [f"{path.name} is not for CPython %d.%d on x86_64 Linux" % python]
         wheels.setdefault(canonicalize_name(name), []).append((str(version), path))
+    with_ray = with_ray or "ray" in wheels
+    want = needed(with_ray, python)
     problems = [f"{name}=={version}: no wheel" for name, version in want.items() if name not in wheels]
     problems += [f"{name}: {len(found)} wheels; keep one" for name, found in wheels.items() if len(found) > 1]
     problems += [f"{name}: wheel is {found[0][0]}, this environment has {want[name]}"
@@ -114,7 +118,7 @@ def check(folder: Path, with_ray: bool = False, python: tuple[int, int] = PYTHON
     if PROJECT not in wheels:
         problems.append(f"no {PROJECT} wheel (its console scripts): run prepare again")
     size = sum(path.stat().st_size for path in folder.glob("*.whl")) / 2**20
-    if size > LIMIT_MIB:
+    if size > LIMIT_MIB and not with_ray:
         problems.append(f"{size:.1f} MiB of wheels: more than {LIMIT_MIB} MiB")
     return problems
 

@@ -4,7 +4,8 @@
                                [--client-gpus SHARE]
 
 With ``--client-gpus 0.25`` each virtual client reserves a quarter of a GPU from Ray, so four share one
-(docs/gpu.md); ``device="cuda"`` in the run config where no CUDA device is visible is refused here.
+(docs/gpu.md); ``device="cuda"`` in the run config where no CUDA device is visible is refused here, and so is
+``--client-gpus`` unless ``--ray-address`` runs the clients on a cluster's GPUs.
 
 With ``--ray-address`` (or ``RAY_ADDRESS`` set) the virtual clients run on that existing Ray
 cluster (``ray start --head`` on one machine, ``ray start --address`` on the others): Flower's
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
         config = run_config(args.run_config)
     except ConfigError as err:
         parser.error(str(err))
-    if config.device == "cuda" or args.client_gpus > 0:  # clients and server run on this host: check it now
+    # The ServerApp runs on this host, and the clients too unless --ray-address puts them on a cluster
+    # (whose GPUs Ray counts, not this host's): check here what runs here.
+    if config.device == "cuda" or (args.client_gpus > 0 and not args.ray_address):
         from common.training import setup_compute  # imports torch: only when a GPU is asked for
 
         try:

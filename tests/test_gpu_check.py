@@ -20,11 +20,12 @@ def test_the_wheel_list_carries_flower_and_its_needs_but_not_what_the_gpu_machin
     assert "ray" in gpu_wheels.needed(with_ray=True)
 
 
-def fake_folder(tmp_path, tag: str = "py3-none-any", skip: str = "", extra: tuple[str, ...] = ()):
-    """Empty files named as the wheels ``needed()`` lists (tags ``tag``), less ``skip``, plus ``extra`` names."""
+def fake_folder(tmp_path, tag: str = "py3-none-any", skip: str = "", extra: tuple[str, ...] = (),
+                with_ray: bool = False):
+    """Empty files named as the wheels ``needed(with_ray)`` lists (tags ``tag``), less ``skip``, plus ``extra``."""
     folder = tmp_path / "wheels"
     folder.mkdir(parents=True)
-    for name, version in gpu_wheels.needed().items():
+    for name, version in gpu_wheels.needed(with_ray).items():
         if name != skip:
             (folder / f"{name.replace('-', '_')}-{version}-{tag}.whl").touch()
     for name in ("fl_distill-0.1.0-py3-none-any.whl", *extra):
@@ -40,6 +41,18 @@ def test_a_complete_folder_passes_and_each_gap_is_named(tmp_path):
                                                                       "flwr-1.38.0-py3-none-any.whl")))
     assert "torch: not needed (the GPU machine has it, or it is not carried)" in problems
     assert "flwr: 2 wheels; keep one" in problems
+
+
+def test_a_folder_prepared_with_ray_passes_the_check_the_dry_run_makes_whatever_its_size(tmp_path):
+    folder = fake_folder(tmp_path, with_ray=True)
+    ray = next(folder.glob("ray-*.whl"))
+    with ray.open("wb") as f:  # a sparse 70 MiB file: as large as the real wheel, no disk used
+        f.truncate(70 * 2**20)
+    assert gpu_wheels.check(folder) == []  # what scripts/gpu-check.sh --dry-run runs: no --with-ray
+    ray.unlink()
+    assert gpu_wheels.check(folder) == [f"{name}: not needed (the GPU machine has it, or it is not carried)"
+                                        for name in sorted(set(gpu_wheels.needed(True)) - set(gpu_wheels.needed()))
+                                        if name != "ray"]
 
 
 def test_a_wheel_for_another_python_or_platform_is_refused(tmp_path):
