@@ -9,7 +9,9 @@ client holds its own draw of ``examples-per-client`` digits (draws overlap betwe
 count of clients holds data; docs/configuration.md). While it runs, every 0.5 s, it reads the
 machine's used memory (``MemTotal - MemAvailable``, ``/proc/meminfo``) and the proportional set size
 (``Pss``, ``/proc/PID/smaps_rollup``) of every process under the SuperLink, grouped by program.
-Prints, per count: peak machine memory over the idle machine, the PSS at that peak by program, each
+Prints, per count: peak machine memory over the idle machine (idle: read once the last count's processes
+have gone and memory has settled), the peak of the run's own processes' summed PSS (less noisy: other
+programs on the machine do not count), the PSS at the machine's peak by program, each
 round's wall seconds (``metrics.jsonl`` ``round-seconds``; round 1 includes asking nodes), and
 writes ``bench/results/scale.json``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -59,16 +62,34 @@ def pss_by_program(root: int) -> dict[str, float]:
     return dict(totals)
 
 
+RAY_PROGRAMS = ("raylet", "gcs_server", "ray::")
+
+
+def settled_idle(timeout: float = 90.0) -> float:
+    """The machine's used memory once the last run has let go of it: no Ray process left and two readings a
+    second apart within 30 MB (at most ``timeout`` seconds)."""
+    deadline, last = time.monotonic() + timeout, used_mb()
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        ray_left = any(Path(f"/proc/{p}/cmdline").exists() and any(
+            name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") for name in RAY_PROGRAMS)
+            for p in os.listdir("/proc") if p.isdigit())
+        now = used_mb()
+        if not ray_left and abs(now - last) < 30:
+            return now
+        last = now
+    return last
+
+
 def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
     home, out = folder / f"flwr-home-{clients}", folder / f"out-{clients}"
     launch.write_connection(home, "scale", PORTS.address)
-    time.sleep(3)
-    idle = used_mb()
+    idle = settled_idle()
     superlink = launch.start_superlink(home, PORTS, simulation=True)
-    peak, peak_pss, started = 0.0, {}, time.monotonic()
+    peak, peak_pss, peak_tree, peak_by_program, started = 0.0, {}, 0.0, {}, time.monotonic()
     try:
         run_config = (f'num-server-rounds={args.rounds} fraction-train={min(1.0, args.per_round / clients):.6g} '
-                      f'min-nodes=2 local-epochs=1 distill="off" partitioning="sampled" '
+                      f'min-nodes=2 local-epochs=1 distill="off" deliver="none" partitioning="sampled" '
                       f'examples-per-client={args.examples} out-dir="{out}"')
         run_id = launch.flwr_run(home, "scale", run_config, f"num-supernodes={clients} client-resources-num-cpus=1",
                                  stream=False, echo=lambda _: None)
@@ -76,6 +97,10 @@ def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
         while True:
             if (now := used_mb() - idle) > peak:
                 peak, peak_pss = now, pss_by_program(superlink.pid)
+            programs = pss_by_program(superlink.pid)
+            peak_tree = max(peak_tree, sum(programs.values()))  # the run's own processes: less noise
+            for name, mb in programs.items():
+                peak_by_program[name] = max(peak_by_program.get(name, 0.0), mb)
             if time.monotonic() > next_status:
                 if (status := launch.run_status(home, "scale", run_id)).startswith("finished"):
                     break
@@ -89,7 +114,7 @@ def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
         raise RuntimeError(f"{clients} clients: the run ended {status}; see {home / 'superlink.log'}")
     rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
     return {"clients": clients, "per-round": min(clients, args.per_round), "peak-mb-over-idle": peak,
-            "pss-mb-at-peak": peak_pss, "round-seconds": [r["round-seconds"] for r in rows if r["round"] > 0],
+            "pss-mb-at-peak": peak_pss, "peak-pss-mb": peak_tree, "peak-pss-mb-by-program": peak_by_program, "round-seconds": [r["round-seconds"] for r in rows if r["round"] > 0],
             "wall-seconds": time.monotonic() - started}
 
 
@@ -116,15 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{s:.1f}" for s in r["round-seconds"]) + " s", file=sys.stderr, flush=True)
     print(f"bench.scale: {args.per_round} sampled per round, {args.rounds} rounds, 1 local epoch, distill off, "
           f"digits, partitioning='sampled' ({args.examples} examples per client)")
-    print(f"{'clients':>8} {'peak MB over idle':>18} {'round 1 s':>10} {'later rounds s':>15}  PSS at peak (MB)")
+    print(f"{'clients':>8} {'peak MB over idle':>18} {'peak PSS MB':>12} {'round 1 s':>10} {'later rounds s':>15}  "
+          "PSS at the machine's peak (MB)")
     for r in results:
         later = r["round-seconds"][1:]
         pss = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["pss-mb-at-peak"].items(), key=lambda kv: -kv[1]))
-        print(f"{r['clients']:>8} {r['peak-mb-over-idle']:>18.0f} {r['round-seconds'][0]:>10.1f} "
+        print(f"{r['clients']:>8} {r['peak-mb-over-idle']:>18.0f} {r['peak-pss-mb']:>12.0f} {r['round-seconds'][0]:>10.1f} "
               f"{(sum(later) / len(later)) if later else float('nan'):>15.1f}  {pss}")
     if len(results) > 1:
         a, b = results[0], results[-1]
-        print(f"memory per added client: {1024 * (b['peak-mb-over-idle'] - a['peak-mb-over-idle']) / (b['clients'] - a['clients']):.1f} KB")
+        added = b["clients"] - a["clients"]
+        print(f"memory per added client: {1024 * (b['peak-pss-mb'] - a['peak-pss-mb']) / added:.1f} KB of PSS, "
+              f"{1024 * (b['peak-mb-over-idle'] - a['peak-mb-over-idle']) / added:.1f} KB machine-wide")
     target = launch.REPO / "bench" / "results" / "scale.json"
     target.write_text(json.dumps({"per-round": args.per_round, "rounds": args.rounds, "examples-per-client":
                                   args.examples, "results": results}, indent=2))

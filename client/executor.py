@@ -1,6 +1,7 @@
 """A warm ClientApp executor: runs a SuperNode's ClientApp tasks in forked, pre-imported processes.
 
-    fl-distill-executor --runtime-api-address HOST:PORT [--insecure | --root-certificates CA]
+    fl-distill-executor --runtime-api-address HOST:PORT [--runtime-api-address HOST:PORT ...]
+                        [--insecure | --root-certificates CA]
                         [--parent-pid PID] [--poll-interval 0.1] [--idle-poll-interval 1]
                         [--idle-after 30] [--supernode-timeout 30]
 
@@ -17,6 +18,9 @@ What stays fresh per task: the app's own modules are imported in the child from
 the FAB that Flower installed for that run, so a new app version is never served
 by stale code; the warm parent only ever imports third-party packages
 (``PRELOAD``). The parent never initialises CUDA, so a child can use the GPU.
+
+Given several Runtime API addresses (the SuperNodes of one ``fl-distill-supernode --nodes K`` process),
+it serves them all from one warm parent: one copy of the preloaded imports for K nodes.
 
 The executor exits when its SuperNode goes away: at once when ``--parent-pid``
 (the SuperNode's PID) ends, or when the Runtime API stays unreachable for
@@ -145,9 +149,9 @@ def _report_parent_cuda(reports: Connection) -> None:
 class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode's Runtime API and run each in a forked child."""
 
-    def __init__(self, address: str, certificates: bytes | None, supernode_pid: int | None = None,
+    def __init__(self, address: str | list[str], certificates: bytes | None, supernode_pid: int | None = None,
                  preload: tuple[str, ...] = PRELOAD):
-        self.address = address
+        self.addresses = [address] if isinstance(address, str) else list(address)
         self.certificates = certificates
         self.supernode_pid = supernode_pid
         self.context = multiprocessing.get_context("forkserver")
@@ -177,10 +181,11 @@ class WarmExecutor:
         child.join()
         return initialised
 
-    def launch(self, task_id: int, token: str) -> None:
+    def launch(self, task_id: int, token: str, address: str) -> None:
+        """Fork a child of the warm parent that runs task ``task_id`` of the SuperNode at ``address``."""
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=run_task, args=(self.address, token, self.certificates, self.supernode_pid, send),
+            target=run_task, args=(address, token, self.certificates, self.supernode_pid, send),
             name=f"clientapp-task-{task_id}",
         )
         process.start()
@@ -217,39 +222,43 @@ class WarmExecutor:
         self.reap()
 
     def serve(self, polls: IdleBackoff, supernode_timeout: float) -> int:
-        """Acquire and run tasks until the SuperNode is gone, waiting ``polls.next_wait()`` between
-        requests (short while a task was acquired or ran in its last ``after`` seconds); returns the exit code."""
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=self.certificates is None, root_certificates=self.certificates,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        )
+        """Acquire and run tasks until the SuperNodes are gone, asking each of them in turn and waiting
+        ``polls.next_wait()`` between rounds of requests (short while a task was acquired or ran in its last
+        ``after`` seconds); returns the exit code. Exits 1 when no SuperNode answered for ``supernode_timeout``."""
+        clients = {address: RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=self.certificates is None, root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")]) for address in self.addresses}
         last_contact = time.monotonic()
         try:
             while True:
                 self.reap()
-                try:
-                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-                    last_contact = time.monotonic()
-                except httpx.TransportError as err:
-                    if time.monotonic() - last_contact > supernode_timeout:
-                        log(ERROR, "fl-distill-executor: the SuperNode's Runtime API at %s has not answered for "
-                            "%.0f s (%s); exiting", self.address, supernode_timeout, err)
-                        return 1
-                    time.sleep(polls.fast)
-                    continue
-                if res.HasField("task") and res.token:
-                    self.launch(res.task.task_id, res.token)
+                unreachable = []
+                for address, client in clients.items():
+                    try:
+                        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                        last_contact = time.monotonic()
+                    except httpx.TransportError as err:
+                        unreachable.append(f"{address} ({err})")
+                        continue
+                    if res.HasField("task") and res.token:
+                        self.launch(res.task.task_id, res.token, address)
+                if len(unreachable) == len(clients) and time.monotonic() - last_contact > supernode_timeout:
+                    log(ERROR, "fl-distill-executor: no SuperNode's Runtime API has answered for %.0f s (%s); "
+                        "exiting", supernode_timeout, "; ".join(unreachable))
+                    return 1
                 if self.running:
                     polls.work()
-                time.sleep(polls.next_wait())
+                time.sleep(polls.fast if len(unreachable) == len(clients) else polls.next_wait())
         finally:
-            client.close()
+            for client in clients.values():
+                client.close()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fl-distill-executor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    parser.add_argument("--runtime-api-address", required=True, action="append",
+                        help="the SuperNode's Runtime API, HOST:PORT; again for each further SuperNode it serves")
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     tls.add_argument("--root-certificates", help="CA certificate (PEM) of the Runtime API's TLS certificate")
@@ -266,10 +275,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.insecure and not args.root_certificates:
         parser.error("give --insecure or --root-certificates CA (TLS to the SuperNode's Runtime API)")
-    host, _, port = args.runtime_api_address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        parser.error(f"--runtime-api-address = {args.runtime_api_address!r} is not allowed; use HOST:PORT, "
-                     "e.g. 127.0.0.1:9094 ([::1]:9094 for IPv6)")
+    for address in args.runtime_api_address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--runtime-api-address = {address!r} is not allowed; use HOST:PORT, "
+                         "e.g. 127.0.0.1:9094 ([::1]:9094 for IPv6)")
     if not 0.01 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval = {args.poll_interval} is not allowed; use 0.01 to 60 seconds")
     if not args.poll_interval <= args.idle_poll_interval <= 60:
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seconds = executor.warm_up()
         log(INFO, "fl-distill-executor: warm parent %d ready in %.1f s (preloaded %s); tasks from %s",
-            executor.warm_parent, seconds, ", ".join(PRELOAD), args.runtime_api_address)
+            executor.warm_parent, seconds, ", ".join(PRELOAD), ", ".join(args.runtime_api_address))
         polls = IdleBackoff(args.poll_interval, args.idle_poll_interval, args.idle_after, name="fl-distill-executor")
         return executor.serve(polls, args.supernode_timeout)
     except KeyboardInterrupt:

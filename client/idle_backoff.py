@@ -11,6 +11,7 @@ the first message after a long idle spell waits at most ``slow``, as with Flower
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from logging import INFO
@@ -53,3 +54,26 @@ class IdleBackoff:
                 self.slow)
         self.current = min(self.slow, 2 * self.current)
         return self.current
+
+
+class PerThread:
+    """An :class:`IdleBackoff` for each thread, made by ``make(thread name)`` at its first use.
+
+    Several SuperNodes in one process (``client/node_group.py``) run Flower's loop, whose sleep and
+    work hooks are module-wide (``client/supernode.py``), in a thread each: each node backs off on
+    its own work, not on its neighbours'.
+    """
+
+    def __init__(self, make: Callable[[str], IdleBackoff]):
+        self._make, self._local = make, threading.local()
+
+    def _mine(self) -> IdleBackoff:
+        if not hasattr(self._local, "backoff"):
+            self._local.backoff = self._make(threading.current_thread().name)
+        return self._local.backoff
+
+    def work(self) -> None:
+        self._mine().work()
+
+    def next_wait(self) -> float:
+        return self._mine().next_wait()

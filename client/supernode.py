@@ -1,6 +1,7 @@
 """A Flower SuperNode with the warm executor beside it and short polls.
 
-    fl-distill-supernode [--executor warm|subprocess] [--idle-poll 0.2] [--task-poll 0.1] FLOWER-SUPERNODE-ARGS...
+    fl-distill-supernode [--executor warm|subprocess] [--idle-poll 0.2] [--task-poll 0.1]
+                         [--nodes K [--first-index F]] FLOWER-SUPERNODE-ARGS...
 
 Takes every ``flower-supernode`` argument unchanged and runs Flower's own
 ``flower_supernode()`` in this process, with two changes:
@@ -13,6 +14,8 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
   executor dies, it is started again. ``--executor subprocess`` keeps Flower's
   default (a fresh ``flwr-clientapp`` process per message; its SuperExec polls
   every 0.2 s).
+- ``--nodes K``: K SuperNodes in this process, one thread each, all served by one warm executor
+  (``client/node_group.py``): a host running many nodes pays for one warm parent, not K.
 - The first connection is checked before anything starts (``client/preflight.py``): nothing
   listening at ``--superlink`` for ``--first-connect-wait`` seconds (unless Flower's
   ``--max-retries``/``--max-wait-time`` asks to retry), ``--insecure`` against a TLS SuperLink,
@@ -54,7 +57,8 @@ from flwr.supercore import log
 from flwr.supernode.cli import flower_supernode
 
 from client.executor import OBJECT_PULL_RETRY
-from client.idle_backoff import IdleBackoff
+from client.idle_backoff import IdleBackoff, PerThread
+from client.node_group import node_args, run_group
 from client.preflight import PreflightError, check_superlink
 from common.config import ConfigError, check_node_config
 
@@ -106,16 +110,22 @@ def _option(args: list[str], name: str) -> str | None:
     return value
 
 
-def executor_command(flower_args: list[str], supernode_pid: int, task_poll: float = 0.1, task_poll_max: float = 1.0,
-                     idle_after: float = 30.0) -> list[str]:
-    """The ``fl-distill-executor`` command for a SuperNode started with ``flower_args``."""
+def runtime_address(flower_args: list[str]) -> str:
+    """HOST:PORT of the Runtime API of a SuperNode started with ``flower_args``, as a client on this host reaches it."""
     host = _option(flower_args, "--host") or "127.0.0.1"
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     host = f"[{host}]" if ":" in host else host
-    port = _option(flower_args, "--port") or str(FLOWER_RUNTIME_PORT)
+    return f"{host}:{_option(flower_args, '--port') or FLOWER_RUNTIME_PORT}"
+
+
+def executor_command(flower_args: list[str], supernode_pid: int, task_poll: float = 0.1, task_poll_max: float = 1.0,
+                     idle_after: float = 30.0, more_nodes: list[list[str]] = ()) -> list[str]:
+    """The ``fl-distill-executor`` command for a SuperNode started with ``flower_args`` (and for the SuperNodes
+    of ``more_nodes``, with their arguments, in the same process: one executor serves them all)."""
     ca = _option(flower_args, "--ssl-ca-certfile")
     tls = ["--root-certificates", ca] if ca else ["--insecure"]
-    return [sys.executable, "-m", "client.executor", "--runtime-api-address", f"{host}:{port}",
+    addresses = [arg for args in (flower_args, *more_nodes) for arg in ("--runtime-api-address", runtime_address(args))]
+    return [sys.executable, "-m", "client.executor", *addresses,
             "--parent-pid", str(supernode_pid), "--poll-interval", str(task_poll),
             "--idle-poll-interval", str(task_poll_max), "--idle-after", str(idle_after), *tls]
 
@@ -160,6 +170,12 @@ def preflight(flower_args: list[str], wait: float) -> None:
 CUDA_PROBE = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
 
 
+@functools.cache
+def _probe(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by this Python in a child process, once per process (``--nodes`` checks every node)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
 def check_cuda_visible(node_config: dict) -> None:
     """With ``device="cuda"`` in the node config, exit at start unless torch sees a CUDA device here.
 
@@ -168,7 +184,7 @@ def check_cuda_visible(node_config: dict) -> None:
     """
     if node_config.get("device") != "cuda":
         return
-    probe = subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True, text=True)
+    probe = _probe(CUDA_PROBE)
     if probe.returncode == 3:
         sys.exit("fl-distill-supernode: cannot start: node config device = 'cuda' but no CUDA device is visible "
                  "here (torch.cuda.is_available() is false: no NVIDIA GPU, driver or CUDA build of torch); "
@@ -199,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the executor's task poll interval once --idle-after seconds passed without a task (1)")
     parser.add_argument("--idle-after", type=float, default=30.0,
                         help="seconds without work before the polls back off, doubling to their max (30)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="run this many SuperNodes in this process, their tasks forked from one warm parent "
+                             "(client/node_group.py): node k gets Runtime API port --port + k, and {i} in any "
+                             "argument becomes its index, --first-index + k (1)")
+    parser.add_argument("--first-index", type=int, default=0, help="the first node's {i} with --nodes (0)")
     parser.add_argument("--first-connect-wait", type=float, default=20.0,
                         help="seconds to wait at start for the SuperLink to accept a connection before exiting "
                              "with the cause (20; 0 skips the start check)")
@@ -221,15 +242,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--idle-after = {ours.idle_after} is not allowed; use 0 to 3600 seconds")
     if not 0 <= ours.first_connect_wait <= 600:
         parser.error(f"--first-connect-wait = {ours.first_connect_wait} is not allowed; use 0 (no check) to 600 s")
-    node_config = _option(flower_args, "--node-config")
-    if node_config is not None:  # refused here, at start, not at the first message
-        try:
-            parsed = parse_config_args([node_config])
-            check_node_config(parsed)
-        except (ConfigError, ValueError, click.ClickException) as err:
-            parser.error(f"--node-config {node_config!r}: {getattr(err, 'message', err)}")
-        if not asking_help:
-            check_cuda_visible(parsed)
+    if not 1 <= ours.nodes <= 1000 or ours.first_index < 0:
+        parser.error(f"--nodes = {ours.nodes} --first-index = {ours.first_index} is not allowed; use 1 to 1000 "
+                     "nodes and a first index >= 0")
+    if ours.nodes > 1 and (ours.executor != "warm" or _option(flower_args, "--health-server-address")):
+        parser.error(f"--nodes {ours.nodes} runs its SuperNodes with one warm executor and no health server; "
+                     "drop --executor subprocess and --health-server-address, or use --nodes 1")
+    port = int(_option(flower_args, "--port") or FLOWER_RUNTIME_PORT)
+    nodes = [node_args(flower_args, ours.first_index + k, port + k) for k in range(ours.nodes)] \
+        if ours.nodes > 1 else [flower_args]
+    for args in nodes:
+        _check_node_config(parser, args, asking_help)
     isolation = _option(flower_args, "--isolation")
     if ours.executor == "warm" and isolation not in (None, "process"):
         parser.error(f"--isolation {isolation} does not go with --executor warm; "
@@ -238,24 +261,44 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--isolation {isolation} with --executor subprocess would start no executor; "
                      "drop --isolation, or use --executor warm")
     if not asking_help:
-        preflight(flower_args, ours.first_connect_wait)
+        preflight(nodes[0], ours.first_connect_wait)
     if ours.executor == "warm":
         if isolation is None:
-            flower_args += ["--isolation", "process"]
+            nodes = [[*args, "--isolation", "process"] for args in nodes]
         if not asking_help:
-            supervise(executor_command(flower_args, os.getpid(), ours.task_poll, ours.task_poll_max,
-                                       ours.idle_after))
+            supervise(executor_command(nodes[0], os.getpid(), ours.task_poll, ours.task_poll_max,
+                                       ours.idle_after, more_nodes=nodes[1:]))
     else:
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-    idle = IdleBackoff(ours.idle_poll, ours.idle_poll_max, ours.idle_after, name="fl-distill-supernode")
+
+    def backoff(name: str = "fl-distill-supernode") -> IdleBackoff:
+        return IdleBackoff(ours.idle_poll, ours.idle_poll_max, ours.idle_after, name=name)
+
+    idle = backoff() if ours.nodes == 1 else PerThread(lambda thread: backoff(f"fl-distill-supernode {thread}"))
     supernode_loop.time = CappedSleep(ours.idle_poll, idle)
     # work: a pulled message (its run ID back), and a pushed reply (idle time counts from there)
     supernode_loop._pull_and_store_message = noticing_work(supernode_loop._pull_and_store_message, idle,
                                                            worked=lambda run_id: run_id is not None)
     supernode_loop._push_messages = noticing_work(supernode_loop._push_messages, idle)
     supernode_loop.pull_objects = functools.partial(supernode_loop.pull_objects, **OBJECT_PULL_RETRY)
-    sys.argv = ["flower-supernode", *flower_args]  # Flower names its telemetry event after argv[0]
+    sys.argv = ["flower-supernode", *nodes[0]]  # Flower names its telemetry event after argv[0]
+    if ours.nodes > 1:
+        run_group(nodes)
     flower_supernode()
+
+
+def _check_node_config(parser: argparse.ArgumentParser, flower_args: list[str], asking_help: bool) -> None:
+    """Refuse a bad ``--node-config`` at start, not at the first message (a parser error naming it)."""
+    node_config = _option(flower_args, "--node-config")
+    if node_config is None:
+        return
+    try:
+        parsed = parse_config_args([node_config])
+        check_node_config(parsed)
+    except (ConfigError, ValueError, click.ClickException) as err:
+        parser.error(f"--node-config {node_config!r}: {getattr(err, 'message', err)}")
+    if not asking_help:
+        check_cuda_visible(parsed)
 
 
 if __name__ == "__main__":

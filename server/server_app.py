@@ -28,7 +28,7 @@ from server.fusion_check import FusionCheck
 from server.message_index import index_pending_messages
 from server.privacy import with_privacy
 from server.reply_poll import ShortPollGrid
-from server.sampling import NoNodesError
+from server.sampling import NoNodesError, SimulationRoster, ask_nodes
 from server.reporting import RunReport
 from server.strategy import DistillStrategy
 from server.validation import ExampleCounts
@@ -52,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set) -> None:
-    if isinstance(grid, InMemoryGrid):  # simulation: node lookups that do not scan every pending message
+    simulation = isinstance(grid, InMemoryGrid)
+    if simulation:  # node lookups that do not scan every pending message
         index_pending_messages(grid.state)
     torch.manual_seed(config.seed)  # the same seed gives the same initial models
     families = config.families
@@ -92,6 +93,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
                                  config.fusion_check_margin) if config.fusion_check == "clients" else None,
         example_counts=ExampleCounts(functools.lru_cache(8)(functools.partial(partition_sizes, config)),
                                      config.max_examples_ratio),
+        roster=SimulationRoster(grid.state, config.seed) if simulation else ask_nodes,
     )
     strategy.record_partitions = parse_partitions(config.record_updates)
     if resumed is not None:
@@ -101,7 +103,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
     report = RunReport(config, run_dir, test_set, device, resume_after=done)
     student = distillation.student if distillation else None
     polling_grid = ShortPollGrid(grid, poll_interval=0.1)
-    delivery = Delivery(config, run_id, run_dir, proxy_set.images, test_set, simulation=isinstance(grid, InMemoryGrid))
+    delivery = Delivery(config, run_id, run_dir, proxy_set.images, test_set, simulation=simulation)
     names = delivered_models(config, student is not None)
 
     def models_to_deliver() -> dict:

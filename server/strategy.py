@@ -66,6 +66,8 @@ class DistillStrategy(Strategy):
             Distiller's proxy criterion alone decides.
         example_counts: the check of each reply's ``num-examples`` against its partition's size, and the cap
             on claims from clients on their own data (``server/validation.py``); None: no check.
+        roster: how new nodes are asked their pinned partition and declared family, called as
+            :func:`server.sampling.ask_nodes` (a simulation's: :class:`server.sampling.SimulationRoster`).
 
     Each node is told which partition of the pool is its own: a node whose config
     pins a ``partition-id`` keeps it, the others (docker-compose replicas), sorted
@@ -80,7 +82,8 @@ class DistillStrategy(Strategy):
                  fraction_train: float = 1.0, fraction_evaluate: float = 0.0, min_nodes: int = 1,
                  num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
                  max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None,
-                 fusion_check: FusionCheck | None = None, example_counts: ExampleCounts | None = None):
+                 fusion_check: FusionCheck | None = None, example_counts: ExampleCounts | None = None,
+                 roster=ask_nodes):
         super().__init__()
         self.aggregator = aggregator if isinstance(aggregator, ModelFamilies) else ModelFamilies({"large": aggregator})
         self.distillation = distillation
@@ -91,6 +94,7 @@ class DistillStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.round_offset = round_offset
         self.rng = random.Random(sampling_seed)
+        self.roster = roster
         self.partition_of: dict[int, int] = {}
         self.left_out: set[int] = set()  # nodes that declared a model family this run does not federate
         self._families_checked = False  # small-partitions checked against the partitions (first hand-out)
@@ -192,7 +196,7 @@ class DistillStrategy(Strategy):
         # Ask each node its pinned partition wherever the partition decides something: sampling, a family,
         # which updates record-updates keeps (a simulated node trains its node config's partition-id).
         asking = sampling or len(self.aggregator.families) > 1 or bool(self.record_partitions)
-        pinned, declared = ask_nodes(grid, new, min(self.round_timeout or 60.0, 60.0)) if asking else ({}, {})
+        pinned, declared = self.roster(grid, new, min(self.round_timeout or 60.0, 60.0)) if asking else ({}, {})
         self.num_partitions = self.num_partitions or len(connected)
         self.partition_of.update(pinned)
         # Only connected nodes hold a partition: a resumed run's old node IDs free theirs.

@@ -143,3 +143,40 @@ def test_instructions_expire_with_the_round_timeout(make_strategy):
     assert {m.metadata.ttl for m in [*train, *evaluate]} == {42.0}
     assert len(train) == 4 and len(evaluate) == 2
     assert all(m.content["config"]["server-round"] == 1 and m.content["config"]["lr"] == 0.1 for m in train)
+
+
+class RegisteredState:
+    """The in-memory LinkState as the simulation leaves it: ``nodes`` in registration order."""
+
+    def __init__(self, node_ids):
+        self.nodes = {node: object() for node in node_ids}
+
+
+def simulated_grid(node_ids, partition_of):
+    """A FakeGrid whose nodes pin their partition as Flower's simulation sets it: partition-id of num-partitions."""
+    return FakeGrid(node_ids, node_configs={n: {"partition-id": partition_of(i), "num-partitions": len(node_ids)}
+                                            for i, n in enumerate(node_ids)})
+
+
+def test_a_simulations_partitions_come_from_its_registration_order_after_asking_a_few(make_strategy, caplog):
+    from server.sampling import SimulationRoster
+
+    registered = [907, 13, 512, 4, 77, 300, 41, 8, 66, 250, 19, 5]  # node IDs are random; order is partition order
+    grid = simulated_grid(registered, lambda i: i)
+    strategy = make_strategy(fraction_train=0.5, roster=SimulationRoster(RegisteredState(registered), seed=1, confirm=4))
+    strategy.configure_train(1, ZEROS, ConfigRecord({}), grid)
+    assert strategy.partition_of == {node: i for i, node in enumerate(registered)}
+    assert [m.metadata.message_type for m in grid.sent].count("query") == 4  # not 12
+    assert "partitions of 12 virtual nodes follow the simulation's registration order (4 asked agree)" in caplog.text
+
+
+def test_when_the_registration_order_disagrees_with_an_answer_every_node_is_asked(make_strategy, caplog):
+    from server.sampling import SimulationRoster
+
+    registered = list(range(100, 112))
+    grid = simulated_grid(registered, lambda i: (i + 1) % 12)  # the nodes' own partitions are not the order
+    strategy = make_strategy(fraction_train=0.5, roster=SimulationRoster(RegisteredState(registered), seed=1, confirm=4))
+    strategy.configure_train(1, ZEROS, ConfigRecord({}), grid)
+    assert strategy.partition_of == {node: (i + 1) % 12 for i, node in enumerate(registered)}
+    assert [m.metadata.message_type for m in grid.sent].count("query") == 4 + 12
+    assert "registration order does not give its nodes' partitions" in caplog.text

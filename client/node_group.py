@@ -1,0 +1,116 @@
+"""Several SuperNodes in one process, their ClientApp tasks forked from one warm parent.
+
+    fl-distill-supernode --nodes K [--first-index F] FLOWER-SUPERNODE-ARGS...     (client/supernode.py)
+
+A host that runs many SuperNodes pays, per node, for a Python process of Flower's SuperNode (grpc,
+fastapi, uvicorn, sqlalchemy: about 100 MB) and for its warm executor's parent (torch: about 500 MB).
+Here K SuperNodes share both. Each runs Flower's own SuperNode loop (``start_client_internal``) in a
+thread of this process, with its own node state, object store, Runtime HTTP API (``--port`` + k),
+gRPC connection to the SuperLink, node ID and authentication key; one ``fl-distill-executor`` serves
+the K Runtime APIs, forking every task from one warm parent. ``{i}`` in any argument becomes the
+node's index F + k: its data (``--node-config "partition-id={i} num-partitions=100"``), its key
+(``--auth-supernode-private-key keys/client-{i}.key``), its model folder.
+
+Each node starts as flwr 1.39's ``flower_supernode()`` starts one (``flwr/supernode/cli/flower_supernode.py``):
+its arguments parsed by Flower's parser (``_parse_supernode_lifespan_config``), its Runtime HTTP API
+started by Flower's ``_start_supernode_http_api``, then ``start_client_internal`` with the same
+arguments. What differs: Python lets only the main thread set signal handlers, so Flower's are set once,
+by the main thread, for the whole group (SIGTERM or SIGINT stops every node gracefully); and a node
+that stops ends the whole process, to be started again by what supervises it (compose's restart policy).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from logging import ERROR, INFO
+
+import flwr.supernode.start_client_internal as supernode_loop
+from flwr.supercore import log
+from flwr.supercore.exit import register_signal_handlers
+from flwr.supercore.exit.exit_handler import add_exit_handler, trigger_exit_handlers
+from flwr.supercore.telemetry import EventType
+
+NODE_INDEX = re.compile(r"\{i\}")
+
+
+def node_args(flower_args: list[str], index: int, port: int) -> list[str]:
+    """One node's ``flower-supernode`` arguments: ``{i}`` replaced by ``index``, ``--port`` set to ``port``."""
+    args = [NODE_INDEX.sub(str(index), arg) for arg in flower_args]
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--port":
+            skip = True
+        elif not arg.startswith("--port="):
+            out.append(arg)
+    return [*out, "--port", str(port)]
+
+
+def _parse(args: list[str]):
+    """Flower's own parse of one node's arguments (it reads ``sys.argv``; done in the main thread, one at a time)."""
+    from flwr.supernode.cli.flower_supernode import _parse_supernode_lifespan_config
+
+    saved, sys.argv = sys.argv, ["flower-supernode", *args]
+    try:
+        return _parse_supernode_lifespan_config()
+    finally:
+        sys.argv = saved
+
+
+def _start(config, name: str) -> threading.Thread:
+    """Start one node as ``flower_supernode()`` does: its Runtime HTTP API, then its loop in a daemon thread."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.cli.flower_supernode import _start_supernode_http_api
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    state_factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    http_server, http_thread = _start_supernode_http_api(config, state_factory)
+
+    def stop_http_server() -> None:
+        http_server.should_exit = True
+        http_thread.join(timeout=5)
+
+    add_exit_handler(stop_http_server)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    kwargs = dict(
+        state_factory=state_factory, server_address=config.server_address, transport=config.transport,
+        root_certificates=config.root_certificates, insecure=config.insecure,
+        authentication_keys=config.authentication_keys, max_retries=config.max_retries,
+        max_wait_time=config.max_wait_time, node_config=config.node_config, isolation=config.isolation,
+        runtime_api_address=f"{host}:{config.port}", runtime_certificates=config.runtime_certificates,
+        runtime_root_certificates_path=config.runtime_root_certificates_path,
+        health_server_address=config.health_server_address, trusted_entities=config.trusted_entities,
+        superexec_auth_secret=config.superexec_auth_secret,
+        runtime_dependency_install=config.runtime_dependency_install,
+    )
+    thread = threading.Thread(target=supernode_loop.start_client_internal, kwargs=kwargs, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def run_group(nodes: list[list[str]]) -> None:
+    """Run one SuperNode per argument list in ``nodes``, each in a thread of this process; returns never.
+
+    Exits (through Flower's exit handlers, which stop every node's Runtime API) on SIGTERM/SIGINT, or with
+    code 1 as soon as one node's loop ends: an error there (an unregistered key, a lost SuperLink past
+    Flower's retries) would otherwise leave a node missing from a process that looks alive.
+    """
+    configs = [_parse(args) for args in nodes]  # a bad argument exits here, before any node starts
+    register_signal_handlers(event_type=EventType.RUN_SUPERNODE_LEAVE,
+                             exit_message=f"{len(nodes)} SuperNodes terminated gracefully.")
+    supernode_loop.register_signal_handlers = lambda **_: None  # set once above, by the main thread
+    threads = [_start(config, f"supernode-{k}") for k, config in enumerate(configs)]
+    log(INFO, "fl-distill-supernode: %d SuperNodes in this process, Runtime APIs on ports %s", len(threads),
+        ", ".join(str(c.port) for c in configs))
+    while all(thread.is_alive() for thread in threads):
+        time.sleep(1)
+    ended = [thread.name for thread in threads if not thread.is_alive()]
+    log(ERROR, "fl-distill-supernode: %s stopped; ending this process and its other SuperNodes (its supervisor "
+        "starts them again)", ", ".join(ended))
+    trigger_exit_handlers(run_before_force_exit=True)
+    trigger_exit_handlers(run_before_force_exit=False)
+    sys.exit(1)
