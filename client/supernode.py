@@ -249,8 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--nodes {ours.nodes} runs its SuperNodes with one warm executor and no health server; "
                      "drop --executor subprocess and --health-server-address, or use --nodes 1")
     port = int(_option(flower_args, "--port") or FLOWER_RUNTIME_PORT)
-    nodes = [node_args(flower_args, ours.first_index + k, port + k) for k in range(ours.nodes)] \
-        if ours.nodes > 1 else [flower_args]
+    nodes = [node_args(flower_args, ours.first_index + k, port + k) for k in range(ours.nodes)]
     for args in nodes:
         _check_node_config(parser, args, asking_help)
     isolation = _option(flower_args, "--isolation")

@@ -117,8 +117,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The steps, in order; each file is sourced and shares this script's variables.
-for part in tools images stack run security; do
+# The steps, in order; each file is sourced and shares this script's variables. E2E_PARTS picks others,
+# e.g. "tools images fleet" (docker/ci/fleet.sh: many SuperNodes on this host, with its table).
+# shellcheck source=ci/lib.sh
+. "$here/ci/lib.sh"
+for part in ${E2E_PARTS:-tools images stack run security}; do
+    [ "$part" != lib ] && [ -f "$here/ci/$part.sh" ] || fail "E2E_PARTS names '$part'; use: tools images stack run security fleet"
     # shellcheck source=/dev/null
     . "$here/ci/$part.sh"
 done
