@@ -73,6 +73,7 @@ step() {
 fail() { echo "ci-e2e: FAIL: $*" >&2; exit 1; }
 
 started_dockerd=0 dockerd_pid="" http_pid="" made_wheelhouse=0 made_base=0 compose_up=0
+bg_pids=()   # background helpers of a part (e.g. fleet.sh's memory sampler), stopped by cleanup
 COMPOSE=()
 compose() {
     "${COMPOSE[@]}" -p "$PROJECT" -f "$here/docker-compose.yml" "$@"
@@ -92,6 +93,7 @@ cleanup() {
         compose --profile run down -v --remove-orphans --timeout 20 >/dev/null 2>&1
         docker rm -f "$PROJECT-rogue" >/dev/null 2>&1
     fi
+    for pid in ${bg_pids[@]+"${bg_pids[@]}"}; do kill "$pid" 2>/dev/null; done
     [ -n "$http_pid" ] && kill "$http_pid" 2>/dev/null && wait "$http_pid" 2>/dev/null
     if docker info >/dev/null 2>&1 && [ "${E2E_KEEP_IMAGES:-0}" != 1 ]; then
         docker rmi -f "$SUPERLINK_IMAGE" "$SUPERNODE_IMAGE" >/dev/null 2>&1

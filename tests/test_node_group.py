@@ -54,6 +54,31 @@ def test_each_thread_backs_off_on_its_own_work():
     assert waits == {"idle": [0.2, 0.4, 0.8], "busy": 0.1}
 
 
+def test_a_node_whose_connection_ends_connects_again_alone_and_a_configuration_exit_stops_the_process(
+        monkeypatch, caplog):
+    from client import node_group
+
+    calls = []
+
+    def flower_loop(**kwargs):  # Flower's loop for one node: ends, is refused, then meets a bad configuration
+        calls.append(kwargs)
+        if len(calls) == 1:
+            return
+        if len(calls) == 2:
+            node_group._exit_from_thread(305, "the SuperLink refused to activate the node")
+        node_group._exit_from_thread(303, "TLS is off but a private key is given")
+
+    monkeypatch.setattr(node_group.supernode_loop, "start_client_internal", flower_loop)
+    monkeypatch.setattr(node_group.time, "sleep", lambda _: None)
+    thread = threading.Thread(target=node_group._serve, args=("supernode-3", {"node": 3}), name="supernode-3")
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and calls == [{"node": 3}] * 3
+    assert "supernode-3 stopped (its connection ended); connecting it again in 1 s" in caplog.text
+    assert "supernode-3 stopped (Flower's exit code 305); connecting it again in 2 s" in caplog.text
+    assert node_group._fatal.get_nowait() == (303, "TLS is off but a private key is given")  # for the main thread
+
+
 @pytest.mark.slow
 def test_four_supernodes_in_one_process_train_four_partitions_from_one_warm_parent(tmp_path):
     home, out, ports = tmp_path / "flwr-home", tmp_path / "out", launch.Ports(http=8770, fleet=9872)

@@ -41,6 +41,7 @@ for N in ${E2E_FLEET:-10 50 100}; do
     echo "$idle_mb" >"$peak_file"
     ( while :; do m=$(($(used_mb) - idle)); [ "$m" -gt "$(cat "$peak_file")" ] && echo "$m" >"$peak_file"; sleep 1; done ) &
     sampler=$!
+    bg_pids+=("$sampler")
     export FLD_RUN_CONFIG="num-server-rounds=$ROUNDS min-nodes=$N local-epochs=1 deliver=\"none\" ${E2E_RUN_CONFIG:-}"
     export FLD_WAIT_FOR_NODES=$N FLD_RUN_TIMEOUT=$RUN_TIMEOUT
     run_extra=()
@@ -49,7 +50,8 @@ for N in ${E2E_FLEET:-10 50 100}; do
     figures=$(docker run --rm -v "${PROJECT}_outputs:/outputs:ro" --entrypoint python "$SUPERLINK_IMAGE" -c '
 import json, statistics, sys
 rows = [json.loads(line) for line in open(f"/outputs/{sys.argv[1]}/metrics.jsonl")][1:]
-print(f"{statistics.median(r[\"round-seconds\"] for r in rows):.1f}", "/".join(str(len(r["clients"])) for r in rows))
+median = statistics.median(r["round-seconds"] for r in rows)
+print(f"{median:.1f}", "/".join(str(len(r["clients"])) for r in rows))
 ' "$run_id")
     read -r round_s trained <<<"$figures"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$N" "$replicas" "$idle_mb" "$(cat "$peak_file")" "$round_s" "$trained" \
