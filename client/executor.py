@@ -34,9 +34,7 @@ CUDA (it must not: ``tests/test_gpu.py`` checks it on a GPU).
 from __future__ import annotations
 
 import argparse
-import functools
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -54,6 +52,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
 from client.idle_backoff import IdleBackoff
+from client.task import _report_parent_cuda, _report_warm_parent, run_task
 
 # Imported once by the warm parent; every task inherits them. Third-party only:
 # the app's modules must come from each run's FAB. Missing ones are skipped.
@@ -63,16 +62,6 @@ PRELOAD = (
     "safetensors.torch", "flwr.app", "flwr.clientapp", "flwr.cli.install",
     "flwr.supernode.runtime.run_clientapp",
 )
-# Flower retries an object that is not uploaded yet after 1 s, 2 s, 4 s, ... (at
-# most 500 tries, 2 h). Models arrive within a fraction of a second here, so
-# retry every 50-100 ms instead, within the same 2 h limit (``PULL_MAX_TIME``).
-OBJECT_PULL_RETRY = {"initial_backoff": 0.05, "backoff_cap": 0.1, "max_tries_per_object": None}
-# The package this file belongs to is imported in every child (multiprocessing
-# unpickles the task function from it); forget it there so that a FAB's module
-# of the same name (``client.client_app``) is imported from the FAB.
-_OWN_PACKAGE = (__spec__.name if __spec__ else __name__).split(".")[0]
-
-
 @dataclass
 class RunningTask:
     """A task's process, the pipe it reports on, and what it reported."""
@@ -82,68 +71,6 @@ class RunningTask:
     reports: Connection
     started: float = field(default_factory=time.perf_counter)
     info: dict = field(default_factory=dict)
-
-
-def run_task(address: str, token: str, certificates: bytes | None, supernode_pid: int | None, reports: Connection) -> None:
-    """Child process: run one ClientApp task with Flower's ``run_clientapp``.
-
-    Reports ``{"pid", "ppid"}`` at once, ``{"run", "message-type", "fab"}`` once
-    the task's input is pulled and ``{"replied": True}`` once its reply is pushed;
-    reporting is best effort (a restarted executor no longer listens) and never
-    disturbs the task. The task ends with the SuperNode (``supernode_pid``), not
-    with the executor: a task stopped half-way pushes a failed status but no
-    reply, and flwr 1.39's SuperNode then waits for that reply for good.
-    Exits through Flower's ``flwr_exit``.
-    """
-    for name in [m for m in sys.modules if m == _OWN_PACKAGE or m.startswith(_OWN_PACKAGE + ".")]:
-        del sys.modules[name]
-
-    def report(info: dict) -> None:
-        try:
-            reports.send(info)
-        except OSError:
-            pass
-
-    report({"pid": os.getpid(), "ppid": os.getppid(), "parent-cuda": parent_initialised_cuda()})
-    from flwr.supernode.runtime import run_clientapp as runtime  # preloaded: no import cost
-
-    pull_task_input, push_message = runtime.pull_task_input, runtime.push_message
-
-    def pull_and_report(client):
-        message, context, run, fab = pull_task_input(client)
-        report({"run": run.run_id, "message-type": message.metadata.message_type, "fab": fab.hash_str[:12]})
-        return message, context, run, fab
-
-    def push_and_report(client, message, context):
-        push_message(client, message, context)
-        report({"replied": True})
-
-    runtime.pull_task_input, runtime.push_message = pull_and_report, push_and_report  # this child's copy only
-    # The SuperNode offers the task before it has pulled the message's objects.
-    runtime.pull_and_inflate_object_from_tree = functools.partial(
-        runtime.pull_and_inflate_object_from_tree, **OBJECT_PULL_RETRY)
-    runtime.run_clientapp(
-        address, token, insecure=certificates is None, certificates=certificates,
-        parent_pid=supernode_pid, runtime_dependency_install=False,
-    )
-
-
-def parent_initialised_cuda() -> bool:
-    """Whether the process this one was forked from had initialised torch's CUDA state (False without torch).
-
-    Read in a freshly forked child: torch marks the child of a parent that had called its CUDA lazy init as a
-    "bad fork" (``torch.cuda._is_in_bad_fork``, set by its fork handler), and such a child cannot use the GPU.
-    """
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and (torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork()))
-
-
-def _report_warm_parent(reports: Connection) -> None:
-    reports.send(os.getppid())
-
-
-def _report_parent_cuda(reports: Connection) -> None:
-    reports.send(parent_initialised_cuda())
 
 
 class WarmExecutor:

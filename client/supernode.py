@@ -33,7 +33,7 @@ Takes every ``flower-supernode`` argument unchanged and runs Flower's own
   the last ``--idle-after`` seconds, then doubling up to ``--idle-poll-max`` (Flower's 3 s). The
   executor's task poll backs off the same way (``--task-poll`` to ``--task-poll-max``). Its
   retries of a model's bytes that have not arrived yet start at 50 ms, not 1 s
-  (``client.executor.OBJECT_PULL_RETRY``).
+  (``client.task.OBJECT_PULL_RETRY``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from flwr.common.constant import FLEET_API_GRPC_RERE_DEFAULT_ADDRESS
 from flwr.supercore import log
 from flwr.supernode.cli import flower_supernode
 
-from client.executor import OBJECT_PULL_RETRY
+from client.task import OBJECT_PULL_RETRY
 from client.idle_backoff import IdleBackoff, PerThread
 from client.node_group import node_args, run_group
 from client.preflight import PreflightError, check_superlink

@@ -105,7 +105,7 @@ def test_server_distillation_on_cuda_with_the_ensemble_teacher_gives_what_the_cp
 
 def _train_on_cuda(reports) -> None:
     """A task of the warm executor's kind, forked from its warm parent: train on cuda, report where and what."""
-    from client.executor import parent_initialised_cuda
+    from client.task import parent_initialised_cuda
 
     inherited = parent_initialised_cuda()
     config = RunConfig.from_mapping(default_run_config())

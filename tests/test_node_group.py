@@ -79,6 +79,30 @@ def test_a_node_whose_connection_ends_connects_again_alone_and_a_configuration_e
     assert node_group._fatal.get_nowait() == (303, "TLS is off but a private key is given")  # for the main thread
 
 
+def test_tasks_starting_together_on_one_host_install_the_runs_fab_one_at_a_time(tmp_path, monkeypatch):
+    import time
+
+    from client.task import one_at_a_time
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    inside, seen = [0], []
+
+    def install(fab: bytes):  # Flower's install_from_fab: mkdir, then the files moved in
+        inside[0] += 1
+        seen.append(inside[0])
+        time.sleep(0.05)
+        inside[0] -= 1
+        return fab
+
+    tasks = [threading.Thread(target=one_at_a_time(install), args=(b"fab",)) for _ in range(4)]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join(timeout=10)
+    assert seen == [1, 1, 1, 1]  # never two installs at once
+    assert (tmp_path / "apps" / ".install.lock").exists()
+
+
 @pytest.mark.slow
 def test_four_supernodes_in_one_process_train_four_partitions_from_one_warm_parent(tmp_path):
     home, out, ports = tmp_path / "flwr-home", tmp_path / "out", launch.Ports(http=8770, fleet=9872)

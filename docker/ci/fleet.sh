@@ -4,13 +4,16 @@
 #   E2E_PARTS="tools images fleet" E2E_FLEET="10 50 100" E2E_NODES_PER_CLIENT=10 bash docker/ci-e2e.sh
 #
 # For each fleet size N in E2E_FLEET: N keys (make-certs.sh), the stack up with TLS and SuperNode
-# authentication and N / K client replicas of K SuperNodes each (FLD_NODES=K: one process and one warm
+# authentication (the SuperLink's state in memory: E2E_FLEET_DATABASE, see below) and N / K client replicas of K SuperNodes each (FLD_NODES=K: one process and one warm
 # parent per replica), the N keys registered; once every node has connected and every warm parent is
 # ready, the host's used memory over the idle host (before `up`); then a run of E2E_ROUNDS rounds in which
 # every node trains (1 local epoch, the student distilled, no delivery), its round seconds from
 # metrics.jsonl and the peak memory; then `down -v`. Prints a table and writes it to E2E_FLEET_OUT.
 
 K=${E2E_NODES_PER_CLIENT:-10}
+# Flower 1.39's SQLite state answers "database is locked" (INTERNAL to the SuperNodes, a failed run) with 50
+# busy nodes on two cores; in memory it holds 100 (registrations are redone after each `down -v` anyway).
+export FLD_DATABASE=${E2E_FLEET_DATABASE:-:flwr-in-memory:}
 FLEET_TABLE=${E2E_FLEET_OUT:-$work/fleet.tsv}
 used_mb() { awk '/^MemTotal/ {t=$2} /^MemAvailable/ {a=$2} END {printf "%d", (t - a) / 1024}' /proc/meminfo; }
 printf 'nodes\treplicas\tidle_mb\tpeak_mb\tround_s\ttrained\tconnect_s\n' >"$FLEET_TABLE"
