@@ -94,15 +94,19 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def start_superlink(flwr_home: Path, ports: Ports, simulation: bool, extra: list[str] = ()) -> subprocess.Popen:
-    """A SuperLink on 127.0.0.1; waits until its HTTP API answers /health."""
+def start_superlink(flwr_home: Path, ports: Ports, simulation: bool, extra: list[str] = (),
+                    ray_address: str = "") -> subprocess.Popen:
+    """A SuperLink on 127.0.0.1; waits until its HTTP API answers /health. With ``ray_address`` (HOST:PORT of a
+    Ray cluster's head) its simulations join that cluster (Flower's Ray backend calls a plain ``ray.init()``,
+    which reads ``RAY_ADDRESS``) instead of starting and stopping one of their own for every run."""
     cmd = [
         bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(ports.http),
         "--fleet-api-address", f"127.0.0.1:{ports.fleet}", *extra,
     ]
     if simulation:
         cmd.append("--simulation")
-    process = start(cmd, flwr_home / "superlink.log", flower_env(flwr_home))
+    env = {**flower_env(flwr_home), **({"RAY_ADDRESS": ray_address} if ray_address else {})}
+    process = start(cmd, flwr_home / "superlink.log", env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -145,6 +149,35 @@ def start_supernodes(
         )
         for i in range(count)
     ]
+
+
+def start_ray_node(log_file: Path, temp_dir: Path, gcs_port: int, head: bool, num_cpus: int | None = None,
+                   dashboard_port: int | None = None) -> subprocess.Popen:
+    """One Ray node on 127.0.0.1 (``ray start --block``: its Ray processes share its process group, so
+    ``stop`` ends them all): the head listening on ``gcs_port``, else a node joining it. ``temp_dir`` (short:
+    Ray's sockets live there) keeps the cluster out of /tmp/ray/ray_current_cluster, which a later plain
+    ``ray.init()`` on this host would otherwise join. ``num_cpus``: what the node offers (default: what Ray
+    counts on this host, as Flower's own ``ray.init()`` does). The head serves Ray's dashboard and state API only
+    with a ``dashboard_port`` (``ray[default]``). Waits until the node says it started."""
+    if head:
+        role = [f"--port={gcs_port}", f"--temp-dir={temp_dir}"]
+        role += (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+                 if dashboard_port else ["--include-dashboard=false"])
+    else:
+        role = [f"--address=127.0.0.1:{gcs_port}"]
+    cmd = [bin_path("ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+           *([f"--num-cpus={num_cpus}"] if num_cpus else []), *(["--head"] if head else []), *role]
+    offset = log_file.stat().st_size if log_file.exists() else 0
+    process = start(cmd, log_file, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {process.returncode}; see {log_file}")
+        if "Ray runtime started" in log_file.read_bytes()[offset:].decode(errors="replace"):
+            return process
+        time.sleep(0.5)
+    stop([process])
+    raise RuntimeError(f"`ray start` did not start within 90 s; see {log_file}")
 
 
 def process_tree(pid: int) -> list[int]:

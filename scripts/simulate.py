@@ -93,10 +93,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunCo
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     home = launch.Path(args.flwr_home)
-    if args.ray_address:  # inherited by the SuperLink's simulation process, where Flower calls ray.init()
-        os.environ["RAY_ADDRESS"] = args.ray_address
     launch.write_connection(home, CONNECTION, launch.Ports().address)
-    superlink = launch.start_superlink(home, launch.Ports(), simulation=True)
+    superlink = launch.start_superlink(home, launch.Ports(), simulation=True, ray_address=args.ray_address)
     try:
         run_id = launch.flwr_run(
             home, CONNECTION, args.run_config,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -50,3 +52,20 @@ def serverapp_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """HOST:PORT of one Ray cluster (a head on this host) that the session's simulations join, instead of each
+    `flwr run` starting and stopping a cluster of its own (~10 s a run on two cores); stopped at the end."""
+    from scripts import launch
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # not tmp_path: Ray's socket paths must stay short
+    port = 6392  # apart from tests/test_ray_cluster.py's cluster
+    log = tmp_path_factory.mktemp("ray") / "ray-head.log"
+    head = launch.start_ray_node(log, temp_dir, port, head=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        launch.stop([head])
+        shutil.rmtree(temp_dir, ignore_errors=True)

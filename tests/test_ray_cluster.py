@@ -8,7 +8,6 @@ dashboard: ``ray[default]``, the ``cluster`` extra) says where each ClientApp ac
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -24,16 +23,6 @@ CONNECTION = "test-ray"
 PORTS = launch.Ports(http=8800, fleet=9892)
 GCS_PORT, DASHBOARD_PORT = 6391, 8865
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
-
-
-def ray_node(head: bool, log: Path, temp_dir: Path):
-    """One ``ray start --block`` (its Ray processes share its process group, so ``launch.stop`` ends them all)."""
-    role = (["--head", f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={DASHBOARD_PORT}", f"--temp-dir={temp_dir}"] if head
-            else [f"--address=127.0.0.1:{GCS_PORT}"])
-    cmd = [launch.bin_path("ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-           "--disable-usage-stats", *role]
-    return launch.start(cmd, log, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
 
 
 def wait_for(what: str, check, processes, timeout: float = 90):
@@ -55,14 +44,13 @@ def ray_cluster(tmp_path):
     """The cluster's two node IDs; both nodes stopped afterwards, whatever happens."""
     from ray.util.state import list_nodes
 
-    # Ray's sockets live under the temp dir and their paths must stay short: not pytest's tmp_path.
-    # A temp dir of its own also keeps this cluster out of /tmp/ray/ray_current_cluster, which a
-    # later plain ray.init() on this machine would otherwise join.
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    processes = [ray_node(True, tmp_path / "ray-head.log", temp_dir)]
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # not tmp_path: Ray's socket paths must stay short
+    processes = []
     try:
+        processes.append(launch.start_ray_node(tmp_path / "ray-head.log", temp_dir, GCS_PORT, head=True, num_cpus=1,
+                                               dashboard_port=DASHBOARD_PORT))
         wait_for("dashboard", lambda: urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2), processes)
-        processes.append(ray_node(False, tmp_path / "ray-worker.log", temp_dir))
+        processes.append(launch.start_ray_node(tmp_path / "ray-worker.log", temp_dir, GCS_PORT, head=False, num_cpus=1))
         alive = lambda: [n.node_id for n in list_nodes(address=DASHBOARD) if n.state == "ALIVE"]
         yield wait_for("two alive Ray nodes", lambda: len(ids := alive()) == 2 and ids, processes)
     finally:
@@ -70,13 +58,12 @@ def ray_cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_a_simulation_on_a_two_node_ray_cluster_runs_client_apps_on_both_nodes(ray_cluster, tmp_path, monkeypatch):
+def test_a_simulation_on_a_two_node_ray_cluster_runs_client_apps_on_both_nodes(ray_cluster, tmp_path):
     from ray.util.state import list_tasks
 
     home = tmp_path / "flwr-home"
     launch.write_connection(home, CONNECTION, PORTS.address)
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{GCS_PORT}")  # the SuperLink's simulation inherits it
-    superlink = launch.start_superlink(home, PORTS, simulation=True)
+    superlink = launch.start_superlink(home, PORTS, simulation=True, ray_address=f"127.0.0.1:{GCS_PORT}")
     try:
         run_id = launch.flwr_run(home, CONNECTION, f'num-server-rounds=2 local-epochs=1 distill="off" '
                                  f'out-dir="{tmp_path / "out"}"', "num-supernodes=4 client-resources-num-cpus=1",
