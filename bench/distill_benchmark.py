@@ -83,7 +83,7 @@ def run_all(args: argparse.Namespace, out: Path) -> list[dict]:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     run_config = (f'{part_cfg} {method_cfg} seed={seed} num-server-rounds={args.rounds} '
                                   f'fraction-train={args.fraction} local-epochs={args.local_epochs} '
-                                  f'distill-steps={args.distill_steps} '
+                                  f'distill-steps={args.distill_steps} deliver="none" '
                                   f'dataset="{args.dataset}" data-root="{args.data_root}"')
                     rows, summary = run_one(home, run_config, args.clients, out / "runs")
                     results.append({"partitioning": part, "method": method, "seed": seed, "rows": rows, "summary": summary})

@@ -8,8 +8,9 @@ Runs the shipped app three times in one invocation, same seed and config:
    ``flower-supernode``: a fresh ``flwr-clientapp`` process per message;
 3. the same with ``fl-distill-supernode``: warm executor, short polls (``client/``);
 4. and 5. the warm deployment again with FedDF (``distill="ensemble" distill-target="global"``), once with
-   the clients' fusion check (``fusion-check="clients"``, one more message per node a round) and once with
-   the proxy criterion alone (``fusion-check="proxy"``): what the check costs, in seconds and bytes.
+   the clients' fusion check (``fusion-check="clients"``: the nodes score the averaged model while the
+   server distils, and a fused one after) and once with the proxy criterion alone
+   (``fusion-check="proxy"``): what the check costs, in seconds and bytes.
 
 Per round it prints wall seconds, the slowest client's compute (its pre-training
 evaluation + local training, as the client measured it), distillation, server

@@ -25,7 +25,7 @@ from common.config import ConfigError
 from common.model_families import pack, unpack
 from server.distillation import ServerDistillation
 from server.families import ModelFamilies, family_roster, family_stats
-from server.fusion_check import FusionCheck
+from server.fusion_check import Asked, FusionCheck
 from server.privacy import dp_sgd_rounds
 from server.sampling import SampledGrid, ask_nodes, sample, wait_for_nodes
 from server.validation import OWN_DATA, ExampleCounts, clip_update
@@ -309,12 +309,15 @@ class DistillStrategy(Strategy):
             stats["families"] = family_stats(families, replies, valid)
         if arrays is not None and self.distillation is not None:
             averaged = unpack(arrays, families.families)
+            # The clients score the averaged model while the server distils (server/fusion_check.py)
+            early = ({family: self._ask_averaged(true_round, family, averaged[family], clients)
+                      for family in families.aggregated} if self.distillation.fuses_back else {})
             fused, stats["distill"] = self.distillation.run(averaged, client_arrays, families.aggregated)
             if self.distillation.fuses_back:
                 for family in families.aggregated:
                     learner = stats["distill"]["families"][family] if mixed else stats["distill"]["global"]
                     fused[family], verdict = self._keep(true_round, family, averaged[family], fused[family],
-                                                        learner, clients)
+                                                        learner, clients, early[family])
                     if family == families.families[0]:
                         stats["fusion"] = verdict
                     if mixed:
@@ -323,22 +326,45 @@ class DistillStrategy(Strategy):
         self.round_stats[true_round] = stats
         return arrays, metrics
 
+    def _checked_by(self, family: str, clients: list[dict]) -> tuple[dict[int, dict], dict[int, tuple[int, int]]]:
+        """This round's clients of ``family`` that the fusion check may ask: ({node: its train reply metrics},
+        {node: (partition, num-partitions)}) of those still connected."""
+        received = {c["node-id"]: c for c in clients if self.aggregator.family(c["node-id"]) == family}
+        placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
+        return received, placements
+
+    def _ask_averaged(self, true_round: int, family: str, averaged: ArrayRecord,
+                      clients: list[dict]) -> tuple[Asked, float] | None:
+        """Send ``family``'s averaged model to the nodes its fusion check samples, before distillation;
+        (what was asked, when: ``time.monotonic()``), or None without a check."""
+        if self.fusion_check is None or self._grid is None:
+            return None
+        asked_at = time.monotonic()
+        _, placements = self._checked_by(family, clients)
+        nodes = self.fusion_check.nodes(placements, true_round)
+        return self.fusion_check.ask(self._grid, nodes, placements, true_round, {"averaged": averaged}, family), asked_at
+
     def _keep(self, true_round: int, family: str, averaged: ArrayRecord, fused: ArrayRecord, distilled: dict,
-              clients: list[dict]) -> tuple[ArrayRecord, dict]:
+              clients: list[dict], early: tuple[Asked, float] | None = None) -> tuple[ArrayRecord, dict]:
         """``family``'s next global model and the verdict that chose it (``server/fusion_check.py``).
 
         Without a fusion check the Distiller's proxy criterion decides (kept step 0: the averaged model).
         With one, this round's clients of ``family`` (``clients``: their train reply metrics) score the averaged
-        model, the fused one unless the Distiller kept step 0, and the model the round started from.
+        model (asked before distillation: ``early``, from :meth:`_ask_averaged`), the fused one unless the
+        Distiller kept step 0 (asked now, of the same nodes), and the model the round started from.
         """
         proxy_choice = "averaged" if distilled.get("kept-step") == 0 else "fused"
         if self.fusion_check is None or self._grid is None:
             return (averaged if proxy_choice == "averaged" else fused), {"kept": proxy_choice, "by": "proxy"}
-        received = {c["node-id"]: c for c in clients if self.aggregator.family(c["node-id"]) == family}
-        placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
-        candidates = {"averaged": averaged} if proxy_choice == "averaged" else {"averaged": averaged, "fused": fused}
-        verdict = self.fusion_check.run(self._grid, placements, true_round, candidates, proxy_choice, received,
-                                        family=family, named=len(self.aggregator.families) > 1)
+        started = time.perf_counter()
+        received = self._checked_by(family, clients)[0]
+        first, asked_at = early or self._ask_averaged(true_round, family, averaged, clients)
+        asked = [first]
+        if proxy_choice == "fused":  # the same nodes, the same partitions
+            asked.append(self.fusion_check.ask(self._grid, first.nodes, first.placements, true_round, {"fused": fused},
+                                               family))
+        verdict = self.fusion_check.collect(self._grid, asked, true_round, proxy_choice, received, family,
+                                            named=len(self.aggregator.families) > 1, asked_at=asked_at, started=started)
         previous = self.aggregator.sent[family]
         return {"averaged": averaged, "fused": fused, "previous": previous}[verdict["kept"]], verdict
 

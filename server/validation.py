@@ -91,7 +91,15 @@ def evaluation_problem(reply: Message, candidates: Iterable[str]) -> str | None:
     metrics = list(reply.content.metric_records.values())
     if len(metrics) != 1:
         return f"expected one MetricRecord, got {len(metrics)}"
-    record = metrics[0]
+    return scores_problem(metrics[0], candidates)
+
+
+def scores_problem(record, candidates: Iterable[str]) -> str | None:
+    """Why a node's fusion-check scores (one reply's MetricRecord, or its replies' merged) cannot count, or None.
+
+    Checks: ``num-examples`` a whole number > 0, and for every name in ``candidates`` a valid
+    ``<name>-accuracy`` and ``<name>-loss`` (:func:`score_problem`).
+    """
     if _whole_positive(record.get("num-examples")) is None:
         return f"'num-examples' = {record.get('num-examples')!r} is not allowed; it must be a whole number > 0"
     for name in candidates:

@@ -36,19 +36,40 @@ def scores(node: int, n: int, averaged: float, fused: float, **extra) -> Message
 
 
 class ScriptedGrid:
-    """Connected nodes whose evaluate replies are scripted: {node: (n, averaged acc, fused acc)}; others stay silent."""
+    """Connected nodes whose evaluate replies are scripted: {node: (n, averaged acc, fused acc)}, each reply
+    scoring the candidates its message carries; other nodes stay silent. Messages sent are kept in ``sent``."""
 
     def __init__(self, answers: dict[int, tuple[int, float, float]], connected: list[int] | None = None):
         self.answers, self.connected, self.sent = answers, connected or sorted(answers), []
+        self.pending: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.connected)
 
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            self.sent.append(message)
+            ids.append(f"m{len(self.sent)}")
+            self.pending[ids[-1]] = message
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for mid in list(message_ids):
+            message = self.pending.pop(mid, None)
+            if message is None or message.metadata.dst_node_id not in self.answers:
+                continue
+            n, averaged, fused = self.answers[message.metadata.dst_node_id]
+            reply = scores(message.metadata.dst_node_id, n, averaged, fused)
+            for name in {"averaged", "fused"} - set(message.content.array_records):
+                del reply.content["metrics"][f"{name}-accuracy"], reply.content["metrics"][f"{name}-loss"]
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            replies.append(reply)
+        return replies
+
     def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        self.sent += messages
-        return [scores(m.metadata.dst_node_id, *self.answers[m.metadata.dst_node_id])
-                for m in messages if m.metadata.dst_node_id in self.answers]
+        return self.pull_messages(self.push_messages(messages))
 
 
 def test_the_candidate_with_the_higher_example_weighted_client_accuracy_is_kept():
@@ -171,8 +192,52 @@ def test_a_round_that_made_both_candidates_worse_than_its_start_keeps_the_model_
     assert fusion["kept"] == "previous"
     assert fusion["accuracy"] == pytest.approx({"averaged": 0.525, "fused": 0.625, "previous": 0.8})
     np.testing.assert_array_equal(kept, [0.0, 0.0])  # what this round sent out
-    # Only this round's clients are asked: they scored the starting model on the same data.
-    assert sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "evaluate") == [1, 2]
+    # Only this round's clients are asked (they scored the starting model on the same data): the averaged model
+    # as soon as the round aggregated, the fused one once the Distiller made it.
+    checks = [(m.metadata.dst_node_id, set(m.content.array_records)) for m in grid.sent
+              if m.metadata.message_type == "evaluate"]
+    assert checks == [(1, {"averaged"}), (2, {"averaged"}), (1, {"fused"}), (2, {"fused"})]
+
+
+def test_the_averaged_model_is_sent_to_the_checking_nodes_before_distillation_starts(make_strategy):
+    seen = []
+
+    class Watching(FusingDistillation):
+        def run(self, averaged, client_arrays, fuse=None):
+            seen.extend(set(m.content.array_records) for m in grid.sent if m.metadata.message_type == "evaluate")
+            return super().run(averaged, client_arrays, fuse)
+
+    grid = ScriptedGrid({1: (10, 0.3, 0.9), 2: (10, 0.4, 0.8)})
+    strategy = make_strategy(distillation=Watching(40), min_nodes=1, fusion_check=FusionCheck(1.0, 1, 5.0, seed=0))
+    list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord({}), grid))
+    strategy.aggregate_train(1, [train_reply({"w": np.full(2, 2.0, np.float32)}, node, {"num-examples": 10})
+                                 for node in (1, 2)])
+    assert seen == [{"averaged"}, {"averaged"}]  # while the server distils, the nodes score the averaged model
+    assert strategy.round_stats[1]["fusion"]["kept"] == "fused"
+
+
+def test_a_node_that_answers_one_of_its_two_messages_is_silent_and_one_that_names_two_counts_is_rejected():
+    check = FusionCheck(1.0, 1, 0.3, seed=0)
+    grid = ScriptedGrid({1: (10, 0.9, 0.1), 2: (10, 0.2, 0.8), 3: (10, 0.2, 0.8)})
+    placements = {1: (0, 3), 2: (1, 3), 3: (2, 3)}
+    first = check.ask(grid, [1, 2, 3], placements, 1, {"averaged": AVERAGED})
+    second = check.ask(grid, [1, 2, 3], placements, 1, {"fused": FUSED})
+    # node 1 answers the averaged model's message only: its fused one is never answered
+    grid.pending = {mid: m for mid, m in grid.pending.items() if not (m.metadata.dst_node_id == 1 and mid in second.ids)}
+    original = grid.pull_messages
+
+    def pull(ids):  # node 3 names another example count in its second reply
+        replies = original(ids)
+        for reply in replies:
+            if reply.metadata.src_node_id == 3 and "fused-accuracy" in reply.content["metrics"]:
+                reply.content["metrics"]["num-examples"] = 11
+        return replies
+
+    grid.pull_messages = pull
+    verdict = check.collect(grid, [first, second], 1, "averaged")
+    assert verdict["asked"] == 3 and verdict["answered"] == 1 and verdict["kept"] == "fused"  # node 2 alone counts
+    assert verdict["rejected"] == [{"node-id": 3, "reason": "'num-examples' differs between its replies (10, 11)"}]
+    assert verdict["bytes-sent"] == 3 * sum(len(a.data) for r in (AVERAGED, FUSED) for a in r.values())
 
 
 @pytest.mark.parametrize("previous, margin, kept", [
