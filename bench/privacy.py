@@ -2,6 +2,7 @@
 
     python -m bench.privacy [--seeds 2] [--rounds 8] [--clients 10]
     python -m bench.privacy example    # example-level DP on the distillation benchmark's protocol
+    python -m bench.privacy knobs      # what was tried against example's gap
     python -m bench.privacy clients    # central DP against the number of clients per round
 
 Without a part, runs the shipped app in simulation with ``distill="global"`` (teacher = the
@@ -14,6 +15,10 @@ and the final ε (mean ± sd over seeds) and writes
 ``example``: mnist-5k with ``bench.distill_benchmark``'s protocol (20 clients, ``fraction-train`` 0.4,
 5 rounds, 1 local epoch), ``dp`` off against ``dp="example"`` at a target ε of 8 per client (δ = 1/pool,
 below 1/n for every client), at the default batch size and at 64; writes ``bench/results/privacy/example/``.
+
+``knobs``: what was tried against ``example``'s gap, one seed: the small model family, a 6x learning
+rate, and the same pool in 4 clients of 750 examples that all train every round (a cross-silo shape);
+writes ``bench/results/privacy/example-knobs/``.
 
 ``clients``: mnist-5k, every client trains every round (``fraction-train`` 1), m = 10, 100 and 500
 virtual clients, central DP at noise 1.0 against ``dp`` off at the same m; accuracy and ε against m, and
@@ -45,6 +50,14 @@ EXAMPLE_SETTINGS = {
     "dp off": 'dp="off"',
     "example, target ε 8": 'dp="example" dp-example-epsilon=8',
     "example, target ε 8, batch 64": 'dp="example" dp-example-epsilon=8 batch-size=64',
+}
+KNOBS = {  # name -> (overrides on EXAMPLE_PROTOCOL, clients): what was tried against the example part's gap
+    "small, dp off": ('model-families="small" dp="off"', 20),
+    "small, example ε 8": ('model-families="small" dp="example" dp-example-epsilon=8', 20),
+    "small, example ε 8, lr 0.3": ('model-families="small" dp="example" dp-example-epsilon=8 lr=0.3', 20),
+    "large, example ε 8, lr 0.3": ('dp="example" dp-example-epsilon=8 lr=0.3', 20),
+    "4 clients of 750, dp off": ('dp="off"', 4),
+    "4 clients of 750, example ε 8": ('dp="example" dp-example-epsilon=8', 4),
 }
 CLIENT_COUNTS = (10, 100, 500)
 CLIENTS_PROTOCOL = 'dataset="mnist-5k" fraction-train=1.0 local-epochs=1 distill="off" min-nodes=2 deliver="none"'
@@ -126,6 +139,9 @@ def run_part(part: str, args: argparse.Namespace, out) -> str:
                     for name, o in SETTINGS.items()]
         elif part == "example":
             grid = [(name, f"{EXAMPLE_PROTOCOL} {o}", args.clients) for name, o in EXAMPLE_SETTINGS.items()]
+        elif part == "knobs":  # 4 clients: every one in every round, as a few silos would be
+            grid = [(name, EXAMPLE_PROTOCOL.replace("fraction-train=0.4", "fraction-train=1.0" if m == 4 else
+                                                    "fraction-train=0.4") + f" {o}", m) for name, (o, m) in KNOBS.items()]
         else:
             grid = [(name, f"{CLIENTS_PROTOCOL} {o}", m) for m in CLIENT_COUNTS for name, o in CLIENTS_SETTINGS.items()]
         for name, overrides, clients in grid:
@@ -142,10 +158,11 @@ def run_part(part: str, args: argparse.Namespace, out) -> str:
                 r["noise-norm"] = math.sqrt(d) * 1.0 * 1.0 / r["clients"]
         text = clients_table(results, args.rounds)
     else:
-        header = (f"{args.clients} clients, {args.rounds} rounds, {args.seeds} seeds" +
+        header = (f"{'20 (fraction-train 0.4) or 4 (1.0)' if part == 'knobs' else args.clients} clients, "
+                  f"{args.rounds} rounds, {args.seeds} seeds" +
                   (f", clipping norm {args.clipping_norm:g}" if part == "settings" else
-                   ", mnist-5k, fraction-train 0.4, 1 local epoch, distill='global'"))
-        text = header + "\n\n" + table(results, SETTINGS if part == "settings" else EXAMPLE_SETTINGS)
+                   ", mnist-5k, 1 local epoch, distill='global'" + ("" if part == "knobs" else ", fraction-train 0.4")))
+        text = header + "\n\n" + table(results, {"settings": SETTINGS, "example": EXAMPLE_SETTINGS}.get(part, KNOBS))
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results))
     if part == "settings":
@@ -155,22 +172,22 @@ def run_part(part: str, args: argparse.Namespace, out) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", default="settings", choices=["settings", "example", "clients"],
+    parser.add_argument("part", nargs="?", default="settings", choices=["settings", "example", "knobs", "clients"],
                         help="settings (default): dp modes on digits; example: dp='example' on mnist-5k, 20 clients; "
-                             "clients: central DP against clients per round")
+                             "knobs: what was tried against example's gap; clients: central DP against clients per round")
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (settings, example), 1 (clients)")
     parser.add_argument("--rounds", type=int, default=None, help="default 8 (settings), 5 (example), 3 (clients)")
     parser.add_argument("--clients", type=int, default=None, help="default 10 (settings), 20 (example)")
     parser.add_argument("--clipping-norm", type=float, default=1.0)
     args = parser.parse_args(argv)
-    defaults = {"settings": (2, 8, 10), "example": (2, 5, 20), "clients": (1, 3, None)}[args.part]
+    defaults = {"settings": (2, 8, 10), "example": (2, 5, 20), "knobs": (1, 5, None), "clients": (1, 3, None)}[args.part]
     args.seeds = args.seeds or defaults[0]
     args.rounds = args.rounds or defaults[1]
     args.clients = args.clients or defaults[2]
-    if args.part == "clients" and args.clients is not None:
-        parser.error(f"--clients {args.clients}: the clients part runs m = {', '.join(map(str, CLIENT_COUNTS))}")
+    if args.part in ("clients", "knobs") and args.clients is not None:
+        parser.error(f"--clients {args.clients}: the {args.part} part sets the clients of each of its settings")
     out = launch.REPO / "bench" / "results" / "privacy" / {"settings": "", "example": "example",
-                                                            "clients": "clients-per-round"}[args.part]
+                                                            "knobs": "example-knobs", "clients": "clients-per-round"}[args.part]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     text = run_part(args.part, args, out)

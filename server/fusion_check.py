@@ -147,7 +147,7 @@ class FusionCheck:
         min_nodes: ``min-nodes``.
         margin: ``fusion-check-margin``: how much better (accuracy in [0, 1]) the starting model must score
             than both new candidates to be kept (:func:`choose`).
-        timeout: seconds to wait for the replies from the first ask (``round-timeout``; also the messages' TTL).
+        timeout: seconds :meth:`collect` waits for the replies (``round-timeout``; also the messages' TTL).
         seed: the run's seed; each round's sample is drawn from a generator seeded by (seed, round), so the
             check never shifts the training sample's generator and a seed repeats which nodes check.
         poll_interval: seconds between two pulls of the replies.
@@ -183,9 +183,8 @@ class FusionCheck:
 
     def collect(self, grid: Grid, asked: list[Asked], server_round: int, proxy_choice: str,
                 received: dict[int, dict] | None = None, family: str = "large", named: bool = False,
-                asked_at: float | None = None, started: float | None = None) -> dict:
-        """Wait for the replies to ``asked`` (until all are in, or ``timeout`` s after ``asked_at``, the
-        first ask's ``time.monotonic()``; default now) and decide; returns :func:`choose`'s verdict plus
+                started: float | None = None) -> dict:
+        """Wait for the replies to ``asked`` (until all are in, or for ``timeout`` s) and decide; returns :func:`choose`'s verdict plus
         ``asked`` (nodes), ``seconds`` (since ``started``, a ``time.perf_counter()``, default now: what the
         check adds to the round once the fused model exists) and ``bytes-sent``.
 
@@ -193,7 +192,7 @@ class FusionCheck:
         ``received``: as in :func:`choose`; ``named``: name ``family`` in the log line (a run of several).
         """
         started = time.perf_counter() if started is None else started
-        deadline = (time.monotonic() if asked_at is None else asked_at) + self.timeout
+        deadline = time.monotonic() + self.timeout
         waiting = {mid for one in asked for mid in one.ids}
         replies: list[Message] = []
         while waiting:
@@ -231,6 +230,6 @@ class FusionCheck:
             family: str = "large", named: bool = False) -> dict:
         """One check in one step: every candidate in one message per sampled node (:meth:`ask`), then
         :meth:`collect`."""
-        asked_at, started = time.monotonic(), time.perf_counter()
+        started = time.perf_counter()
         asked = self.ask(grid, self.nodes(placements, server_round), placements, server_round, candidates, family)
-        return self.collect(grid, [asked], server_round, proxy_choice, received, family, named, asked_at, started)
+        return self.collect(grid, [asked], server_round, proxy_choice, received, family, named, started)

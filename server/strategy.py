@@ -326,26 +326,22 @@ class DistillStrategy(Strategy):
         self.round_stats[true_round] = stats
         return arrays, metrics
 
-    def _checked_by(self, family: str, clients: list[dict]) -> tuple[dict[int, dict], dict[int, tuple[int, int]]]:
-        """This round's clients of ``family`` that the fusion check may ask: ({node: its train reply metrics},
-        {node: (partition, num-partitions)}) of those still connected."""
-        received = {c["node-id"]: c for c in clients if self.aggregator.family(c["node-id"]) == family}
-        placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
-        return received, placements
+    def _received(self, family: str, clients: list[dict]) -> dict[int, dict]:
+        """{node: its train reply metrics} of this round's clients of ``family``: those the fusion check may ask."""
+        return {c["node-id"]: c for c in clients if self.aggregator.family(c["node-id"]) == family}
 
-    def _ask_averaged(self, true_round: int, family: str, averaged: ArrayRecord,
-                      clients: list[dict]) -> tuple[Asked, float] | None:
-        """Send ``family``'s averaged model to the nodes its fusion check samples, before distillation;
-        (what was asked, when: ``time.monotonic()``), or None without a check."""
+    def _ask_averaged(self, true_round: int, family: str, averaged: ArrayRecord, clients: list[dict]) -> Asked | None:
+        """Send ``family``'s averaged model to the connected nodes its fusion check samples, before
+        distillation; what was asked, or None without a check."""
         if self.fusion_check is None or self._grid is None:
             return None
-        asked_at = time.monotonic()
-        _, placements = self._checked_by(family, clients)
+        received = self._received(family, clients)
+        placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
         nodes = self.fusion_check.nodes(placements, true_round)
-        return self.fusion_check.ask(self._grid, nodes, placements, true_round, {"averaged": averaged}, family), asked_at
+        return self.fusion_check.ask(self._grid, nodes, placements, true_round, {"averaged": averaged}, family)
 
     def _keep(self, true_round: int, family: str, averaged: ArrayRecord, fused: ArrayRecord, distilled: dict,
-              clients: list[dict], early: tuple[Asked, float] | None = None) -> tuple[ArrayRecord, dict]:
+              clients: list[dict], early: Asked | None = None) -> tuple[ArrayRecord, dict]:
         """``family``'s next global model and the verdict that chose it (``server/fusion_check.py``).
 
         Without a fusion check the Distiller's proxy criterion decides (kept step 0: the averaged model).
@@ -357,14 +353,14 @@ class DistillStrategy(Strategy):
         if self.fusion_check is None or self._grid is None:
             return (averaged if proxy_choice == "averaged" else fused), {"kept": proxy_choice, "by": "proxy"}
         started = time.perf_counter()
-        received = self._checked_by(family, clients)[0]
-        first, asked_at = early or self._ask_averaged(true_round, family, averaged, clients)
+        first = early or self._ask_averaged(true_round, family, averaged, clients)
         asked = [first]
         if proxy_choice == "fused":  # the same nodes, the same partitions
             asked.append(self.fusion_check.ask(self._grid, first.nodes, first.placements, true_round, {"fused": fused},
                                                family))
-        verdict = self.fusion_check.collect(self._grid, asked, true_round, proxy_choice, received, family,
-                                            named=len(self.aggregator.families) > 1, asked_at=asked_at, started=started)
+        verdict = self.fusion_check.collect(self._grid, asked, true_round, proxy_choice,
+                                            self._received(family, clients), family,
+                                            named=len(self.aggregator.families) > 1, started=started)
         previous = self.aggregator.sent[family]
         return {"averaged": averaged, "fused": fused, "previous": previous}[verdict["kept"]], verdict
 
