@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -38,6 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from server.reply_poll import pull_replies
 from server.sampling import sample
 from server.validation import Rejection, evaluation_problem, score_problem, scores_problem
 
@@ -79,9 +81,10 @@ def choose(replies: Iterable[Message], proxy_choice: str, candidates: tuple[str,
         problem = next((p for reply in answers if (p := evaluation_problem(reply, ())) is not None), None)
         record: dict = {}
         if problem is None:
-            counts = [next(iter(reply.content.metric_records.values()))["num-examples"] for reply in answers]
-            for reply in answers:
-                record.update(next(iter(reply.content.metric_records.values())))
+            records = [dict(next(iter(reply.content.metric_records.values()))) for reply in answers]
+            counts = [r["num-examples"] for r in records]
+            for r in records:
+                record.update(r)
             problem = (f"'num-examples' differs between its replies ({', '.join(map(str, sorted(counts)))})"
                        if len(set(counts)) > 1 else scores_problem(record, candidates))
         trained = received.get(node)
@@ -120,8 +123,7 @@ class Asked:
     """The evaluate messages of one :meth:`FusionCheck.ask`: which candidates, to which nodes, under which IDs."""
 
     candidates: tuple[str, ...]
-    nodes: list[int]
-    placements: dict[int, tuple[int, int]]  # node ID -> (partition, num-partitions), as its message said
+    placements: dict[int, tuple[int, int]]  # node asked -> (partition, num-partitions) its message named, in order
     ids: dict[str, int]  # message ID -> node ID
     bytes_sent: int  # the candidates' serialised array bytes, in all its messages
 
@@ -178,33 +180,24 @@ class FusionCheck:
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, ttl=self.timeout))
         ids = list(grid.push_messages(messages)) if messages else []
         model_bytes = sum(len(array.data) for record in candidates.values() for array in record.values())
-        return Asked(tuple(candidates), list(nodes), {node: placements[node] for node in nodes}, {mid: node for mid, node in zip(ids, nodes) if mid},
-                     model_bytes * len(nodes))
+        return Asked(tuple(candidates), {node: placements[node] for node in nodes},
+                     {mid: node for mid, node in zip(ids, nodes) if mid}, model_bytes * len(nodes))
 
     def collect(self, grid: Grid, asked: list[Asked], server_round: int, proxy_choice: str,
                 received: dict[int, dict] | None = None, family: str = "large", named: bool = False,
                 started: float | None = None) -> dict:
-        """Wait for the replies to ``asked`` (until all are in, or for ``timeout`` s) and decide; returns :func:`choose`'s verdict plus
-        ``asked`` (nodes), ``seconds`` (since ``started``, a ``time.perf_counter()``, default now: what the
+        """Wait for the replies to ``asked`` (until all are in, or for ``timeout`` s) and decide; returns
+        :func:`choose`'s verdict plus ``asked`` (nodes), ``seconds`` (since ``started``, a ``time.perf_counter()``, default now: what the
         check adds to the round once the fused model exists) and ``bytes-sent``.
 
         A node counts only with a reply to every ask it was in: one that answered only some is silent.
         ``received``: as in :func:`choose`; ``named``: name ``family`` in the log line (a run of several).
         """
         started = time.perf_counter() if started is None else started
-        deadline = time.monotonic() + self.timeout
-        waiting = {mid for one in asked for mid in one.ids}
-        replies: list[Message] = []
-        while waiting:
-            pulled = list(grid.pull_messages(waiting))
-            replies += pulled
-            waiting.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(max(0.0, min(self.poll_interval, deadline - time.monotonic())))
-        expected = {node: sum(node in one.nodes for one in asked) for one in asked for node in one.nodes}
-        answers = {node: sum(r.metadata.src_node_id == node for r in replies) for node in expected}
-        complete = [r for r in replies if r.has_error() or answers[r.metadata.src_node_id] == expected[r.metadata.src_node_id]]
+        replies = pull_replies(grid, [mid for one in asked for mid in one.ids], self.timeout, self.poll_interval)
+        expected = Counter(node for one in asked for node in one.placements)  # messages each node owes
+        answered = Counter(reply.metadata.src_node_id for reply in replies)
+        complete = [r for r in replies if r.has_error() or answered[r.metadata.src_node_id] == expected[r.metadata.src_node_id]]
         candidates = tuple(name for one in asked for name in one.candidates)
         verdict = choose(complete, proxy_choice, candidates, received, self.margin)
         nodes = sorted(expected)

@@ -17,6 +17,25 @@ from flwr.supercore.run import Run
 OBJECT_PULL_RETRY = {"initial_backoff": 0.05, "backoff_cap": 0.1, "max_tries_per_object": None}
 
 
+def pull_replies(grid: Grid, message_ids: Iterable[str], timeout: float | None,
+                 poll_interval: float = 0.1) -> list[Message]:
+    """The replies to the pushed messages ``message_ids`` (None entries, failed pushes, skipped), pulled every
+    ``poll_interval`` seconds until all have arrived or ``timeout`` seconds (None: no limit) have passed. An
+    ID whose reply has arrived is not pulled again (pulling it again would return a synthetic error reply)."""
+    waiting = {mid for mid in message_ids if mid}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        received = list(grid.pull_messages(waiting))
+        replies.extend(received)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in received)
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        left = poll_interval if deadline is None else deadline - time.monotonic()
+        time.sleep(max(0.0, min(poll_interval, left)))
+    return replies
+
+
 class ShortPollGrid(Grid):
     """Wraps the ServerApp's Grid; only ``send_and_receive`` differs.
 
@@ -45,18 +64,7 @@ class ShortPollGrid(Grid):
             http_grid.pull_objects = functools.partial(http_grid.pull_objects, **OBJECT_PULL_RETRY)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        waiting = set(self.grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting:
-            received = list(self.grid.pull_messages(waiting))
-            replies.extend(received)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in received)
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            left = self.poll_interval if deadline is None else deadline - time.monotonic()
-            time.sleep(max(0.0, min(self.poll_interval, left)))
-        return replies
+        return pull_replies(self.grid, self.grid.push_messages(messages), timeout, self.poll_interval)
 
     # Everything else is the wrapped Grid's.
     def set_run(self, run: Run) -> None:

@@ -356,8 +356,8 @@ class DistillStrategy(Strategy):
         first = early or self._ask_averaged(true_round, family, averaged, clients)
         asked = [first]
         if proxy_choice == "fused":  # the same nodes, the same partitions
-            asked.append(self.fusion_check.ask(self._grid, first.nodes, first.placements, true_round, {"fused": fused},
-                                               family))
+            asked.append(self.fusion_check.ask(self._grid, list(first.placements), first.placements, true_round,
+                                               {"fused": fused}, family))
         verdict = self.fusion_check.collect(self._grid, asked, true_round, proxy_choice,
                                             self._received(family, clients), family,
                                             named=len(self.aggregator.families) > 1, started=started)
