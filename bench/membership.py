@@ -27,6 +27,14 @@ from scipy.stats import beta
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
+def defined_outputs(logits: np.ndarray) -> tuple[np.ndarray, int]:
+    """Logits (N, C) with every row holding a NaN or an infinity (a model that diverged: its weights overflowed)
+    read as all zeros, the uniform prediction, which says nothing about membership; and how many rows were so.
+    Without it one diverged shadow would make every score of its examples NaN."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    return np.where(bad[:, None], 0.0, logits), int(bad.sum())
+
+
 def loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Yeom et al.'s score, −cross-entropy, per example. logits (N, C), labels (N,) -> (N,)."""
     return -(logsumexp(logits, axis=1) - logits[np.arange(len(labels)), labels])

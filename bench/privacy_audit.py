@@ -88,11 +88,13 @@ def audit(folders: list[Path], clients: int) -> tuple[list[dict], dict]:
     for model_name, (family, file) in MODELS.items():
         if not all((f / file).exists() for f in folders):
             continue
-        logits = []
+        logits, undefined = [], 0
         for folder in folders:
             model = build_model(family, shape, len(classes))
             model.load_state_dict(load_file(str(folder / file)))
-            logits.append(predict_logits(model, images, torch.device("cpu")).numpy())
+            z, bad = membership.defined_outputs(predict_logits(model, images, torch.device("cpu")).numpy())
+            logits.append(z)
+            undefined += bad
         signals = np.stack([membership.lira_signal(z, labels) for z in logits])
         member_key = "client" if model_name == "update" else "pool"
         loss_scores, lira_scores, truth, accuracy = [], [], [], []
@@ -111,7 +113,8 @@ def audit(folders: list[Path], clients: int) -> tuple[list[dict], dict]:
         row = {"model": model_name, "test-accuracy": float(np.mean(accuracy)), "members": int(truth.sum()),
                "non-members": int((~truth).sum()), "targets": len(folders), "delta": delta,
                "accountant-epsilon": [s["privacy"]["epsilon"] for s in summaries] if privacy else None,
-               "unit": privacy.get("unit", "client") if privacy else None}
+               "unit": privacy.get("unit", "client") if privacy else None,
+               "undefined-outputs": undefined}  # examples x runs whose logits overflowed (read as uniform)
         for attack, scores in (("loss", np.concatenate(loss_scores)), ("lira", np.concatenate(lira_scores))):
             curve = membership.roc(scores, truth)
             row[attack] = {"auc": curve["auc"], "tpr@1%": membership.tpr_at_fpr(curve, 0.01),
@@ -124,17 +127,24 @@ def audit(folders: list[Path], clients: int) -> tuple[list[dict], dict]:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| setting | model | test acc | members / non-members | loss AUC | LiRA AUC | LiRA TPR@1% | LiRA TPR@0.1% "
-             "| ε̂ lower bound (LiRA, loss) | accountant ε |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | runs | model | test acc | members / non-members | loss AUC | LiRA AUC | LiRA TPR@1% | LiRA TPR@0.1% "
+             "| ε̂ lower bound (LiRA, loss) | accountant ε |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting, rows in results.items():
         for r in rows:
             eps = r["accountant-epsilon"]
             accountant = (f"{np.mean(eps):.3g} ({r['unit']}-level, δ {r['delta']:.2g})" if eps else "∞ (no DP)")
             low = r["lira"]["tpr@0.1%"]
-            lines.append(f"| {setting} | {r['model']} | {r['test-accuracy']:.4f} | {r['members']} / {r['non-members']} "
+            lines.append(f"| {setting} | {r['targets']} | {r['model']} | {r['test-accuracy']:.4f} | {r['members']} / {r['non-members']} "
                          f"| {r['loss']['auc']:.3f} | {r['lira']['auc']:.3f} | {r['lira']['tpr@1%']:.4f} | "
                          f"{'-' if low is None else format(low, '.4f')} | {r['lira']['epsilon-lower-bound']:.2f}, "
                          f"{r['loss']['epsilon-lower-bound']:.2f} | {accountant} |")
+    invocations = []
+    for rows in results.values():
+        if rows and rows[0].get("invocation") and rows[0]["invocation"] not in invocations:
+            invocations.append(rows[0]["invocation"])
+    lines += ["", *(f"Wall time: {', '.join(map(repr, i['settings']))}: {i['seconds']} s, one invocation." for i in invocations)]
+    lines += [f"{setting!r}, {r['model']}: {r['undefined-outputs']} outputs (examples × runs) overflowed (a diverged "
+              "model), read as uniform." for setting, rows in results.items() for r in rows if r.get("undefined-outputs")]
     return "\n".join(lines)
 
 
@@ -146,6 +156,8 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = [m for m in MODELS if any(m in c for c in curves.values())]
+    if not models:
+        return
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for i, (setting, by_model) in enumerate(curves.items()):
@@ -162,11 +174,46 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(out: Path, results: dict, curves: dict, header: str) -> None:
+def merged(out: Path, protocol: dict, results: dict, curves: dict) -> tuple[dict, dict, list[str]]:
+    """This invocation's settings over those already in ``out/results.json`` that share its ``protocol``
+    (dataset, clients, rounds): a slice of settings can be audited later without losing the table's other
+    rows. Returns (results, curves, settings dropped for another protocol)."""
+    path = out / "results.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    kept, kept_curves, dropped = {}, {}, []
+    for name, entry in saved.get("settings", {}).items():
+        if name in results:
+            continue
+        if saved.get("protocol") != protocol:
+            dropped.append(name)
+            continue
+        kept[name] = entry["rows"]
+        kept_curves[name] = {m: (ROC_GRID, np.array(tpr)) for m, tpr in entry["curves"].items()}
+    return {**kept, **results}, {**kept_curves, **curves}, dropped
+
+
+ROC_GRID = np.round(np.concatenate([[0.0], np.logspace(-5, 0, 400)]), 8)  # the FPRs results.json keeps TPRs at
+
+
+def thinned(fpr: np.ndarray, tpr: np.ndarray) -> list:
+    """An ROC curve's TPR at each FPR of ``ROC_GRID`` (the step curve's value there), small enough for JSON."""
+    index = np.searchsorted(fpr, ROC_GRID, side="right") - 1
+    return np.round(tpr[np.clip(index, 0, len(tpr) - 1)], 6).tolist()
+
+
+def write(out: Path, protocol: dict, results: dict, curves: dict, header: str) -> None:
+    """``table.md``, ``results.json`` (rows, thinned curves, protocol) and ``roc.png`` of every setting audited
+    under ``protocol`` in ``out``: this invocation's and earlier ones' (see :func:`merged`)."""
     out.mkdir(parents=True, exist_ok=True)
+    results, curves, dropped = merged(out, protocol, results, curves)
+    if dropped:
+        print(f"dropped from the table (audited under another protocol): {', '.join(dropped)}", flush=True)
     text = f"{header}\n\n{table(results)}"
     (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    saved = {"protocol": protocol, "settings": {
+        name: {"rows": rows, "curves": {m: thinned(*curves[name][m]) for m in curves.get(name, {})}}
+        for name, rows in results.items()}}
+    (out / "results.json").write_text(json.dumps(saved))
     plot(curves, out / "roc.png")
     print(text, f"\nwrote {out / 'table.md'}, {out / 'roc.png'}", sep="\n", flush=True)
 
@@ -199,8 +246,13 @@ def main(argv: list[str] | None = None, home: Path | None = None, connection: st
     else:
         with simulation_superlink(out) as flwr_home:
             audit_all(flwr_home)
-    write(out, results, curves, f"{args.dataset}, {args.clients} clients, {args.rounds} rounds, {args.runs} runs per "
-          f"setting (each the target once, the others its shadows); {time.perf_counter() - started:.0f} s")
+    invocation = {"settings": list(results), "seconds": round(time.perf_counter() - started)}
+    for rows in results.values():
+        for row in rows:
+            row["invocation"] = invocation  # the command that measured it: its settings and wall time
+    protocol = {"dataset": args.dataset, "clients": args.clients, "rounds": args.rounds}
+    write(out, protocol, results, curves, f"{args.dataset}, {args.clients} clients, {args.rounds} rounds; each "
+          f"federation of a setting is the target once, the others its shadows (runs = targets)")
     return 0
 
 

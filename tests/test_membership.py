@@ -1,10 +1,12 @@
 """The membership-inference audit's arithmetic (bench/membership.py), on scores whose answer is known."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import beta
 
-from bench.membership import (clopper_pearson_upper, epsilon_lower_bound, lira_offline_scores, lira_signal,
+from bench.membership import (clopper_pearson_upper, defined_outputs, epsilon_lower_bound, lira_offline_scores, lira_signal,
                               loss_scores, roc, tpr_at_fpr)
 
 RNG = np.random.default_rng(0)
@@ -62,3 +64,42 @@ def test_offline_lira_fits_each_example_on_the_shadows_that_left_it_out():
     assert scores == pytest.approx((np.array([9.0, 6.0, 1.0]) - mu) / sigma)
     with pytest.raises(ValueError, match="shapes"):
         lira_offline_scores(np.zeros(2), shadows, shadow_in)
+
+
+def _audit_row(model: str) -> dict:
+    figures = {"auc": 0.5, "tpr@1%": 0.01, "tpr@0.1%": None, "epsilon-lower-bound": 0.0}
+    return {"model": model, "test-accuracy": 0.8, "members": 10, "non-members": 20, "targets": 2, "delta": 1e-3,
+            "accountant-epsilon": None, "unit": None, "loss": figures, "lira": figures}
+
+
+def test_an_audit_of_some_settings_keeps_the_rows_of_others_audited_under_the_same_protocol(tmp_path):
+    from bench import privacy_audit
+
+    protocol = {"dataset": "digits", "clients": 2, "rounds": 1}
+    curve = {"global": (np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.7, 1.0]))}
+    privacy_audit.write(tmp_path, protocol, {"a": [_audit_row("global")]}, {"a": curve}, "first")
+    second = {**_audit_row("global"), "invocation": {"settings": ["b"], "seconds": 61}}
+    privacy_audit.write(tmp_path, protocol, {"b": [second]}, {"b": curve}, "second")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["settings"]) == ["a", "b"]
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("second") and "| a | 2 | global |" in table and "| b | 2 | global |" in table
+    assert "Wall time: 'b': 61 s, one invocation." in table
+    # the thinned curve keeps the step function's values: TPR 0.7 from FPR 0.5 on
+    fpr, tpr = privacy_audit.ROC_GRID, np.array(saved["settings"]["a"]["curves"]["global"])
+    assert tpr[fpr < 0.5].max() == 0.0 and tpr[(fpr >= 0.5) & (fpr < 1)].min() == 0.7
+    # a setting audited again replaces its rows; another protocol's rows are dropped, not mixed in
+    privacy_audit.write(tmp_path, {**protocol, "rounds": 3}, {"b": [_audit_row("student")]}, {"b": {}}, "third")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["settings"]) == ["b"] and saved["settings"]["b"]["rows"][0]["model"] == "student"
+
+
+def test_a_diverged_models_outputs_are_read_as_uniform_and_counted():
+    logits = np.array([[1.0, 2.0], [np.nan, 0.0], [np.inf, 1.0], [3.0, -1.0]])
+    defined, bad = defined_outputs(logits)
+    assert bad == 2 and np.isfinite(defined).all()
+    np.testing.assert_array_equal(defined[[1, 2]], 0.0)
+    np.testing.assert_array_equal(defined[[0, 3]], logits[[0, 3]])
+    # the scores of its examples are then defined (and say nothing): the ROC can be drawn
+    scores = loss_scores(defined, np.array([0, 1, 0, 0]))
+    assert np.isfinite(scores).all() and scores[1] == scores[2] == -np.log(2)

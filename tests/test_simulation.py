@@ -332,7 +332,7 @@ def test_a_small_privacy_audit_records_the_target_update_and_writes_its_table_an
     assert len(runs) == 2
     for run in runs:  # record-updates="0": partition 0's update only
         assert sorted(p.name for p in run.glob("update-partition-*")) == ["update-partition-0.safetensors"]
-    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["dp off, FedAvg"]}
+    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["settings"]["dp off, FedAvg"]["rows"]}
     assert set(rows) == {"update", "global", "student"}
     # digits: 1797 examples, the audit's test-fraction 0.6 -> 1078 non-members per target; 2 targets pooled
     assert all(r["non-members"] == 2156 and r["targets"] == 2 for r in rows.values())
