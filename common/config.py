@@ -26,6 +26,7 @@ AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "trimmed-mean", "medi
 DP_MODES = ("off", "central", "local", "example")
 DELIVERIES = ("auto", "student", "global", "both", "none")
 FUSION_CHECKS = ("clients", "proxy")
+FUSION_CHECK_NODES = ("idle", "trained")  # which nodes score the candidates (server/fusion_check.py)
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "fusion-check": (str, _choice(FUSION_CHECKS)),
     "fusion-check-fraction": (float, _range(0, 1, lo_open=True)),
     "fusion-check-margin": (float, _range(0, 1)),
+    "fusion-check-nodes": (str, _choice(FUSION_CHECK_NODES)),
     "proxy-labelled": (bool, ((lambda v: True), "true or false")),
     "proxy-fraction": (float, _range(0, 0.9, lo_open=True)),
     "test-fraction": (float, _range(0, 0.9, lo_open=True)),
@@ -224,6 +226,7 @@ class RunConfig:
     fusion_check: str
     fusion_check_fraction: float
     fusion_check_margin: float
+    fusion_check_nodes: str
     proxy_labelled: bool
     proxy_fraction: float
     test_fraction: float

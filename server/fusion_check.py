@@ -4,7 +4,7 @@ FedDF fuses the round's client ensemble into the averaged model on a proxy set t
 server holds without labels (``server/distillation.py``). Its label-free guard
 measures agreement with that very teacher, so it cannot tell a teacher worse than
 the averaged model from a better one. With ``fusion-check = "clients"`` the server
-asks a sample of the nodes (``fusion-check-fraction`` of this round's clients, at
+asks a sample of the nodes (``fusion-check-fraction`` of the checking nodes, at
 least ``min-nodes``) to evaluate the candidates on their own labelled data: Flower
 ``evaluate`` messages carrying the models as the ArrayRecords ``averaged`` and
 ``fused``, before the next round's train. The averaged model goes out as soon as the
@@ -13,9 +13,12 @@ when the Distiller kept a fused step, once it exists. A node answers each with i
 example count and each candidate's loss and accuracy there (``client/client_app.py``
 ``evaluate_local``): no label, example or model leaves it.
 
-The nodes asked are this round's clients, which scored the model the round started
-from (``previous``) in their train replies on the same data, so it is a third
-candidate at no cost. Of the averaged and the fused model the one with the higher
+The checking nodes (``fusion-check-nodes``) are, with ``idle`` (the default), the
+connected nodes that did not train this round: out of sample, since no candidate was
+built from their data this round; when every node trained, and always with
+``trained``, this round's clients, which scored the model the round started from
+(``previous``) in their train replies on the same data, so it is a third candidate
+at no cost (in-sample scores, which favour the new candidates). Of the averaged and the fused model the one with the higher
 example-weighted accuracy, Σ n_i·acc_i / Σ n_i over the valid replies, is kept (a
 tie keeps the averaged model, FedAvg's own choice), unless the starting model
 scores more than ``fusion-check-margin`` above it: then a round that made the model
@@ -129,7 +132,7 @@ class Asked:
 
 
 class FusionCheck:
-    """Asks a sample of this round's clients to score the fusion's candidates on their data; keeps the best.
+    """Asks a sample of the nodes to score the fusion's candidates on their data; keeps the best.
 
     The candidates are the averaged and the fused model (just the averaged one when the Distiller kept
     it), scored in ``evaluate`` messages, and the model this round started from, which the same nodes
@@ -144,8 +147,8 @@ class FusionCheck:
     steps at once, one message per node.
 
     Args:
-        fraction: ``fusion-check-fraction``, the share of this round's valid train replies whose nodes are
-            asked (at least ``min_nodes``, at most all of them).
+        fraction: ``fusion-check-fraction``, the share of the checking nodes asked (at least ``min_nodes``,
+            at most all of them).
         min_nodes: ``min-nodes``.
         margin: ``fusion-check-margin``: how much better (accuracy in [0, 1]) the starting model must score
             than both new candidates to be kept (:func:`choose`).
@@ -153,16 +156,20 @@ class FusionCheck:
         seed: the run's seed; each round's sample is drawn from a generator seeded by (seed, round), so the
             check never shifts the training sample's generator and a seed repeats which nodes check.
         poll_interval: seconds between two pulls of the replies.
+        nodes: ``fusion-check-nodes``: ``'idle'``, the nodes that did not train this round when there are
+            any (``from_idle``; the strategy picks them), else this round's clients; ``'trained'``, always
+            this round's clients.
     """
 
     def __init__(self, fraction: float, min_nodes: int, timeout: float, seed: int, margin: float = 0.0,
-                 poll_interval: float = 0.1):
+                 poll_interval: float = 0.1, nodes: str = "idle"):
         self.fraction, self.min_nodes, self.timeout, self.seed = fraction, min_nodes, timeout, seed
+        self.from_idle = nodes == "idle"
         self.margin, self.poll_interval = margin, poll_interval
 
     def nodes(self, placements: dict[int, tuple[int, int]], server_round: int) -> list[int]:
         """The nodes asked in ``server_round``, in partition order: ``placements`` ({node ID: (partition,
-        num-partitions)} of this round's clients) sampled with the (seed, round) generator."""
+        num-partitions)} of the checking nodes) sampled with the (seed, round) generator."""
         ordered = sorted(placements, key=lambda node: (placements[node][0], node))
         rng = random.Random(f"fusion-check/{self.seed}/{server_round}")
         return sorted(sample(ordered, self.fraction, self.min_nodes, rng), key=ordered.index)

@@ -90,7 +90,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
         round_offset=done,
         sampling_seed=config.seed,
         fusion_check=FusionCheck(config.fusion_check_fraction, config.min_nodes, config.round_timeout, config.seed,
-                                 config.fusion_check_margin) if config.fusion_check == "clients" else None,
+                                 config.fusion_check_margin, nodes=config.fusion_check_nodes) if config.fusion_check == "clients" else None,
         example_counts=ExampleCounts(functools.lru_cache(8)(functools.partial(partition_sizes, config)),
                                      config.max_examples_ratio),
         roster=SimulationRoster(grid.state, config.seed) if simulation else ask_nodes,

@@ -331,12 +331,18 @@ class DistillStrategy(Strategy):
         return {c["node-id"]: c for c in clients if self.aggregator.family(c["node-id"]) == family}
 
     def _ask_averaged(self, true_round: int, family: str, averaged: ArrayRecord, clients: list[dict]) -> Asked | None:
-        """Send ``family``'s averaged model to the connected nodes its fusion check samples, before
-        distillation; what was asked, or None without a check."""
+        """Send ``family``'s averaged model to the nodes its fusion check samples, before distillation: of
+        ``family``'s connected nodes that did not train this round (``fusion-check-nodes = 'idle'``, when
+        there are any), else of this round's clients of ``family``; what was asked, or None without a check."""
         if self.fusion_check is None or self._grid is None:
             return None
         received = self._received(family, clients)
-        placements = {node: place for node, place in self.placements(self._grid).items() if node in received}
+        connected = self.placements(self._grid)
+        placements = {node: place for node, place in connected.items() if node in received}
+        if self.fusion_check.from_idle:  # out of sample: nodes of the family that did not train this round
+            idle = {node: place for node, place in connected.items() if node not in received
+                    and node not in self.left_out and self.aggregator.family(node) == family}
+            placements = idle or placements
         nodes = self.fusion_check.nodes(placements, true_round)
         return self.fusion_check.ask(self._grid, nodes, placements, true_round, {"averaged": averaged}, family)
 

@@ -179,18 +179,26 @@ def test_local_dp_runs_in_every_deployed_clientapp_and_the_server_accounts_for_i
 
 
 def test_a_sampled_round_asks_each_supernode_once_for_its_pinned_partition_over_grpc(federation, tmp_path):
+    # FedDF with the clients' fusion check: its evaluate messages go over gRPC to the nodes that did not train
     home, _ = federation
     out = tmp_path / "out"
-    run_id = completed_run(home, f'num-server-rounds=2 min-nodes=1 fraction-train=0.5 distill="off" out-dir="{out}"')
-    trained_on = set()  # launch.py pins partition-id = i on SuperNode i
+    run_id = completed_run(home, f'num-server-rounds=2 min-nodes=1 fraction-train=0.5 distill="ensemble" '
+                           f'distill-target="global" distill-steps=20 out-dir="{out}"')
+    trained_on, checked_on = set(), set()  # launch.py pins partition-id = i on SuperNode i
     for node in range(3):
         tasks = [t for t in executor_tasks(home, node) if t["run"] == str(run_id)]
         assert [t["type"] for t in tasks][:1] == ["query"] and [t["type"] for t in tasks].count("query") == 1
         assert all(t["reply"] == "replied" for t in tasks)
         if "train" in (t["type"] for t in tasks):
             trained_on.add(node)
+        if "evaluate" in (t["type"] for t in tasks):
+            checked_on.add(node)
     rows = metrics(out, run_id)
     assert [len(r["clients"]) for r in rows[1:]] == [1, 1]  # int(3 * 0.5) = 1 node per round
+    # fusion-check-nodes = "idle": the 2 nodes that sat each round out score its candidates
+    assert [(r["fusion"]["by"], r["fusion"]["answered"]) for r in rows[1:]] == [("clients", 2), ("clients", 2)]
+    trained_twice = trained_on if len(trained_on) == 1 else set()
+    assert checked_on == {0, 1, 2} - trained_twice
     state = torch.load(out / str(run_id) / "resume.pt", weights_only=False)["partitions"]["partition-of"]
     assert sorted(state.values()) == [0, 1, 2]
     assert {state[str(c["node-id"])] for r in rows[1:] for c in r["clients"]} == trained_on

@@ -162,11 +162,11 @@ class FusingDistillation:
         return {"large": fused}, {"seconds": 0.0, "global": {"kept-step": self.kept_step}}
 
 
-def round_with_check(make_strategy, answers, received_accuracy=0.0, kept_step=40):
+def round_with_check(make_strategy, answers, received_accuracy=0.0, kept_step=40, nodes="trained"):
     """One round from a global model of zeros: every node sends 2s (averaged 2, fused 3) and scored the
     zeros at ``received_accuracy`` before training; ``answers`` script the check's replies."""
     strategy = make_strategy(distillation=FusingDistillation(kept_step), min_nodes=1,
-                             fusion_check=FusionCheck(1.0, 1, 5.0, seed=0))
+                             fusion_check=FusionCheck(1.0, 1, 5.0, seed=0, nodes=nodes))
     grid = ScriptedGrid(answers)
     initial = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     list(strategy.configure_train(1, initial, ConfigRecord({}), grid))
@@ -197,6 +197,25 @@ def test_a_round_that_made_both_candidates_worse_than_its_start_keeps_the_model_
     checks = [(m.metadata.dst_node_id, set(m.content.array_records)) for m in grid.sent
               if m.metadata.message_type == "evaluate"]
     assert checks == [(1, {"averaged"}), (2, {"averaged"}), (1, {"fused"}), (2, {"fused"})]
+
+
+def test_with_idle_nodes_checking_the_nodes_that_did_not_train_this_round_score_the_candidates(make_strategy):
+    # fusion-check-nodes = "idle": out of sample. Nodes 1 and 2 trained; 3 and 4 did not, and only they are
+    # asked. They hold no score of the starting model, so it is no candidate.
+    strategy = make_strategy(distillation=FusingDistillation(40), min_nodes=1,
+                             fusion_check=FusionCheck(1.0, 1, 5.0, seed=0, nodes="idle"))
+    grid = ScriptedGrid({1: (10, 0.9, 0.1), 2: (10, 0.9, 0.1), 3: (10, 0.3, 0.9), 4: (30, 0.5, 0.6)})
+    list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord({}), grid))
+    strategy.aggregate_train(1, [train_reply({"w": np.full(2, 2.0, np.float32)}, node,
+                                             {"num-examples": 10, "eval-accuracy": 0.99, "eval-loss": 0.1})
+                                 for node in (1, 2)])
+    fusion = strategy.round_stats[1]["fusion"]
+    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "evaluate"} == {3, 4}
+    assert fusion["kept"] == "fused" and fusion["answered"] == 2 and fusion["examples"] == 40
+    assert fusion["accuracy"] == pytest.approx({"averaged": 0.45, "fused": 0.675})
+    # a round every connected node trained in has no idle node: its clients check it, as with "trained"
+    _, fusion, grid = round_with_check(make_strategy, {1: (10, 0.9, 0.3), 2: (10, 0.8, 0.4)}, nodes="idle")
+    assert fusion["kept"] == "averaged" and fusion["answered"] == 2 and "previous" in fusion["accuracy"]
 
 
 def test_the_averaged_model_is_sent_to_the_checking_nodes_before_distillation_starts(make_strategy):
@@ -326,6 +345,7 @@ def test_the_client_scores_every_model_in_the_message_on_its_own_data(raw_config
     ("fusion-check", "", "one of 'clients', 'proxy'"),
     ("fusion-check-fraction", 0.0, "a number > 0 and <= 1"),
     ("fusion-check-fraction", 1.5, "a number > 0 and <= 1"),
+    ("fusion-check-nodes", "all", "one of 'idle', 'trained'"),
 ])
 def test_bad_values_of_the_fusion_check_keys_are_refused_at_start(raw_config, key, value, allowed):
     raw_config[key] = value
