@@ -26,7 +26,8 @@ RESUME_FILE = "resume.pt"
 # Keys added after checkpoints were first written, with the value that behaves as before them: a checkpoint
 # without the key resumes when the run keeps that value.
 ADDED_SINCE = {"model-families": "large", "small-partitions": "", "record-updates": "",
-               "dp-example-noise-multiplier": 1.0, "dp-example-epsilon": 0.0, "dp-example-clipping-norm": 1.0}
+               "dp-example-noise-multiplier": 1.0, "dp-example-epsilon": 0.0, "dp-example-clipping-norm": 1.0,
+               "fusion-check-nodes": "trained"}
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 MAY_CHANGE = ("num-server-rounds", "min-nodes", "node-wait-timeout", "round-timeout", "fraction-evaluate",
               "out-dir", "resume-from", "device", "deliver", "deliver-every", "record-updates")
@@ -110,8 +111,10 @@ def load(config: RunConfig) -> Resumable:
         if key not in before and ADDED_SINCE.get(key, object()) == value:
             continue  # a key added since, at the value that behaves as the older version did
         if key not in before:
+            how = (f"resume it with {key} = {ADDED_SINCE[key]!r} (how that version ran) or " if key in ADDED_SINCE
+                   else "")
             raise ConfigError(f"run config '{key}' did not exist in the run being resumed (written by another "
-                              "version); start a new run")
+                              f"version); {how}start a new run")
         if before[key] != value:
             raise ConfigError(
                 f"run config '{key}' = {value!r} differs from the run being resumed ({before[key]!r}); a resumed run "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -51,7 +52,7 @@ PREVIOUS = "previous"  # the model this round started from: scored in the train 
 
 
 def choose(replies: Iterable[Message], proxy_choice: str, candidates: tuple[str, ...] = CANDIDATES,
-           received: dict[int, dict] | None = None, margin: float = 0.0) -> dict:
+           received: dict[int, dict] | None = None, margin: float = 0.0, max_ratio: float = 0.0) -> dict:
     """The verdict on the replies to one check: which candidate is kept, and on what.
 
     ``replies``: the evaluate replies; a node's replies to several messages (the averaged model's, the
@@ -67,13 +68,18 @@ def choose(replies: Iterable[Message], proxy_choice: str, candidates: tuple[str,
     ``loss`` ({candidate: example-weighted mean Σ n_i·x_i / Σ n_i}, empty without a valid reply; a loss is
     None when a node's was infinite), ``failed``
     (node IDs whose reply was an error) and ``rejected`` ([{node-id, reason}]). Among ``candidates`` ties
-    go to the earlier one (the averaged model first, FedAvg's own choice); ``previous`` is kept only when
+    go to the earlier one (the averaged model first, FedAvg's own choice). ``max_ratio``
+    (``max-examples-ratio``; 0 = none): a node with no train reply in ``received`` (an idle one) has no
+    checked count, so it weighs at most that many times the lower median of ``received``'s ``num-examples``
+    (:class:`server.validation.ExampleCounts` caps unchecked train claims alike). ``previous`` is kept only when
     its accuracy exceeds the best of them by more than ``margin``: a retrained round that scores a little
     lower is noise to train on from, not a reason to stay (greedy rollbacks stall a run:
     ``docs/distillation.md``).
     """
     received = received or {}
     valid, failed, rejected = [], [], []
+    claims = [int(m["num-examples"]) for m in received.values() if isinstance(m.get("num-examples"), (int, float))]
+    cap = max(1, int(max_ratio * statistics.median_low(claims))) if max_ratio and claims else 0
     by_node: dict[int, list[Message]] = {}
     for reply in replies:  # a node may answer two messages: the averaged model's and the fused one's
         by_node.setdefault(reply.metadata.src_node_id, []).append(reply)
@@ -99,8 +105,10 @@ def choose(replies: Iterable[Message], proxy_choice: str, candidates: tuple[str,
                            f"{PREVIOUS}-loss": float(trained["eval-loss"])})
         if problem:
             rejected.append(Rejection(node, problem).to_dict())
-        else:
-            valid.append(record)
+            continue
+        if trained is None and cap:  # no train reply this round (an idle node): its count is unchecked
+            record["num-examples"] = min(int(record["num-examples"]), cap)
+        valid.append(record)
     verdict: dict = {"answered": len(valid), "failed": sorted(failed), "rejected": rejected,
                      "accuracy": {}, "loss": {}, "examples": 0}
     if not valid:
@@ -135,8 +143,8 @@ class FusionCheck:
     """Asks a sample of the nodes to score the fusion's candidates on their data; keeps the best.
 
     The candidates are the averaged and the fused model (just the averaged one when the Distiller kept
-    it), scored in ``evaluate`` messages, and the model this round started from, which the same nodes
-    already scored before training (their train replies' ``eval-accuracy``): a round whose averaged and
+    it), scored in ``evaluate`` messages, and, when this round's clients check, the model this round started
+    from, which they already scored before training (their train replies' ``eval-accuracy``): a round whose averaged and
     fused models both came out worse on the clients' data than the model it started from by more than
     ``margin`` keeps that model, so the next round trains from it again (other shuffles, other updates).
 
@@ -156,14 +164,16 @@ class FusionCheck:
         seed: the run's seed; each round's sample is drawn from a generator seeded by (seed, round), so the
             check never shifts the training sample's generator and a seed repeats which nodes check.
         poll_interval: seconds between two pulls of the replies.
-        nodes: ``fusion-check-nodes``: ``'idle'``, the nodes that did not train this round when there are
-            any (``from_idle``; the strategy picks them), else this round's clients; ``'trained'``, always
-            this round's clients.
+        nodes: ``fusion-check-nodes``: ``'idle'``, the nodes not sampled to train this round when there are
+            at least ``min_nodes`` (``from_idle``; the strategy picks them), else this round's clients;
+            ``'trained'``, always this round's clients.
+        max_ratio: ``max-examples-ratio``, the cap on a reply's weight (:func:`choose`).
     """
 
     def __init__(self, fraction: float, min_nodes: int, timeout: float, seed: int, margin: float = 0.0,
-                 poll_interval: float = 0.1, nodes: str = "idle"):
+                 poll_interval: float = 0.1, nodes: str = "idle", max_ratio: float = 0.0):
         self.fraction, self.min_nodes, self.timeout, self.seed = fraction, min_nodes, timeout, seed
+        self.max_ratio = max_ratio
         self.from_idle = nodes == "idle"
         self.margin, self.poll_interval = margin, poll_interval
 
@@ -206,7 +216,7 @@ class FusionCheck:
         answered = Counter(reply.metadata.src_node_id for reply in replies)
         complete = [r for r in replies if r.has_error() or answered[r.metadata.src_node_id] == expected[r.metadata.src_node_id]]
         candidates = tuple(name for one in asked for name in one.candidates)
-        verdict = choose(complete, proxy_choice, candidates, received, self.margin)
+        verdict = choose(complete, proxy_choice, candidates, received, self.margin, self.max_ratio)
         nodes = sorted(expected)
         verdict.update(asked=len(nodes), seconds=time.perf_counter() - started,
                        **{"bytes-sent": sum(one.bytes_sent for one in asked)})

@@ -106,6 +106,7 @@ class DistillStrategy(Strategy):
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
         self._grid: Grid | None = None  # this round's, for the fusion check's messages
         self._round_started = self._node_wait = 0.0
+        self._sampled: set[int] = set()  # this round's nodes asked to train
 
     def partition_state(self) -> dict:
         """The partition hand-out, for a resumed run to give each node the same data (``server/checkpoint.py``)."""
@@ -164,6 +165,8 @@ class DistillStrategy(Strategy):
         chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum,
                         self.rng)
         log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
+        if message_type == MessageType.TRAIN:
+            self._sampled = set(chosen)  # a node sampled to train is no idle node, even if its reply failed
         messages = []
         for message in configure(server_round, arrays, config, SampledGrid(grid, chosen)):
             node = message.metadata.dst_node_id
@@ -332,17 +335,19 @@ class DistillStrategy(Strategy):
 
     def _ask_averaged(self, true_round: int, family: str, averaged: ArrayRecord, clients: list[dict]) -> Asked | None:
         """Send ``family``'s averaged model to the nodes its fusion check samples, before distillation: of
-        ``family``'s connected nodes that did not train this round (``fusion-check-nodes = 'idle'``, when
-        there are any), else of this round's clients of ``family``; what was asked, or None without a check."""
+        ``family``'s connected nodes not sampled to train this round (``fusion-check-nodes = 'idle'``, when
+        there are at least ``min-nodes``), else of this round's clients of ``family`` with a valid reply; what
+        was asked, or None without a check."""
         if self.fusion_check is None or self._grid is None:
             return None
         received = self._received(family, clients)
         connected = self.placements(self._grid)
         placements = {node: place for node, place in connected.items() if node in received}
-        if self.fusion_check.from_idle:  # out of sample: nodes of the family that did not train this round
-            idle = {node: place for node, place in connected.items() if node not in received
+        if self.fusion_check.from_idle:  # out of sample: nodes of the family not sampled to train this round
+            idle = {node: place for node, place in connected.items() if node not in self._sampled
                     and node not in self.left_out and self.aggregator.family(node) == family}
-            placements = idle or placements
+            if len(idle) >= self.fusion_check.min_nodes:  # fewer: the round's clients check, as with 'trained'
+                placements = idle
         nodes = self.fusion_check.nodes(placements, true_round)
         return self.fusion_check.ask(self._grid, nodes, placements, true_round, {"averaged": averaged}, family)
 
@@ -351,9 +356,10 @@ class DistillStrategy(Strategy):
         """``family``'s next global model and the verdict that chose it (``server/fusion_check.py``).
 
         Without a fusion check the Distiller's proxy criterion decides (kept step 0: the averaged model).
-        With one, this round's clients of ``family`` (``clients``: their train reply metrics) score the averaged
-        model (asked before distillation: ``early``, from :meth:`_ask_averaged`), the fused one unless the
-        Distiller kept step 0 (asked now, of the same nodes), and the model the round started from.
+        With one, the nodes :meth:`_ask_averaged` chose score the averaged model (asked before distillation:
+        ``early``), the fused one unless the Distiller kept step 0 (asked now, of the same nodes); when they are
+        this round's clients of ``family`` (``clients``: their train reply metrics), the model the round started
+        from too.
         """
         proxy_choice = "averaged" if distilled.get("kept-step") == 0 else "fused"
         if self.fusion_check is None or self._grid is None:

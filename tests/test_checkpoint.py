@@ -131,6 +131,10 @@ def test_a_checkpoint_from_before_the_newer_keys_resumes_at_their_defaults(tmp_p
         del state["config"][key]  # written by the version before model families, example DP and record-updates
     torch.save(state, run_dir / checkpoint.RESUME_FILE)
     later = dataclasses.replace(config, resume_from=str(run_dir), num_server_rounds=3)
+    # that version's clients checked the fusion themselves: the new default ('idle') would change the run
+    with pytest.raises(ConfigError, match="resume it with fusion-check-nodes = 'trained' .how that version ran."):
+        checkpoint.load(later)
+    later = dataclasses.replace(later, fusion_check_nodes="trained")
     assert checkpoint.load(later).round == 1
     with pytest.raises(ConfigError, match="'model-families' did not exist in the run being resumed"):
         checkpoint.load(dataclasses.replace(later, model_families="large,small"))

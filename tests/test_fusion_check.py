@@ -199,23 +199,55 @@ def test_a_round_that_made_both_candidates_worse_than_its_start_keeps_the_model_
     assert checks == [(1, {"averaged"}), (2, {"averaged"}), (1, {"fused"}), (2, {"fused"})]
 
 
-def test_with_idle_nodes_checking_the_nodes_that_did_not_train_this_round_score_the_candidates(make_strategy):
-    # fusion-check-nodes = "idle": out of sample. Nodes 1 and 2 trained; 3 and 4 did not, and only they are
-    # asked. They hold no score of the starting model, so it is no candidate.
-    strategy = make_strategy(distillation=FusingDistillation(40), min_nodes=1,
-                             fusion_check=FusionCheck(1.0, 1, 5.0, seed=0, nodes="idle"))
-    grid = ScriptedGrid({1: (10, 0.9, 0.1), 2: (10, 0.9, 0.1), 3: (10, 0.3, 0.9), 4: (30, 0.5, 0.6)})
-    list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord({}), grid))
+def idle_round(make_strategy, answers, fraction_train=1.0, min_nodes=1, failed=(), claims=None):
+    """One round with fusion-check-nodes = 'idle' on the nodes of ``answers``: every sampled node but
+    ``failed`` sends its train reply (``claims`` examples, default 10). Returns (verdict, sampled, asked)."""
+    strategy = make_strategy(distillation=FusingDistillation(40), min_nodes=1, fraction_train=fraction_train,
+                             fusion_check=FusionCheck(1.0, min_nodes, 5.0, seed=0, nodes="idle", max_ratio=4.0))
+    grid = ScriptedGrid(answers)
+    sampled = {m.metadata.dst_node_id for m in strategy.configure_train(
+        1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord({}), grid)}
     strategy.aggregate_train(1, [train_reply({"w": np.full(2, 2.0, np.float32)}, node,
-                                             {"num-examples": 10, "eval-accuracy": 0.99, "eval-loss": 0.1})
-                                 for node in (1, 2)])
-    fusion = strategy.round_stats[1]["fusion"]
-    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "evaluate"} == {3, 4}
-    assert fusion["kept"] == "fused" and fusion["answered"] == 2 and fusion["examples"] == 40
-    assert fusion["accuracy"] == pytest.approx({"averaged": 0.45, "fused": 0.675})
-    # a round every connected node trained in has no idle node: its clients check it, as with "trained"
-    _, fusion, grid = round_with_check(make_strategy, {1: (10, 0.9, 0.3), 2: (10, 0.8, 0.4)}, nodes="idle")
-    assert fusion["kept"] == "averaged" and fusion["answered"] == 2 and "previous" in fusion["accuracy"]
+                                             {"num-examples": (claims or {}).get(node, 10), "eval-accuracy": 0.5,
+                                              "eval-loss": 1.0}) for node in sorted(sampled - set(failed))])
+    asked = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "evaluate"}
+    return strategy.round_stats[1]["fusion"], sampled, asked
+
+
+def test_with_idle_nodes_checking_the_nodes_not_sampled_to_train_score_the_candidates(make_strategy):
+    # fusion-check-nodes = "idle": out of sample. 2 of 4 nodes train; the other 2 are asked. They hold no
+    # score of the starting model, so it is no candidate.
+    answers = {1: (10, 0.3, 0.9), 2: (30, 0.5, 0.6), 3: (10, 0.3, 0.9), 4: (30, 0.5, 0.6)}
+    fusion, sampled, asked = idle_round(make_strategy, answers, fraction_train=0.5)
+    assert len(sampled) == 2 and asked == {1, 2, 3, 4} - sampled
+    assert fusion["kept"] == "fused" and fusion["answered"] == 2 and set(fusion["accuracy"]) == {"averaged", "fused"}
+
+
+def test_a_node_sampled_to_train_whose_reply_failed_is_no_idle_node(make_strategy):
+    # all 3 sampled, node 3's train reply lost: no node is idle, so the round's clients with a reply check
+    answers = {1: (10, 0.9, 0.3), 2: (10, 0.8, 0.4), 3: (10**9, 0.0, 1.0)}
+    fusion, sampled, asked = idle_round(make_strategy, answers, failed=[3])
+    assert sampled == {1, 2, 3} and asked == {1, 2}
+    assert fusion["kept"] == "averaged" and "previous" in fusion["accuracy"]
+
+
+def test_with_fewer_idle_nodes_than_min_nodes_the_rounds_clients_check(make_strategy):
+    answers = {node: (10, 0.5, 0.6) for node in (1, 2, 3, 4)}
+    fusion, sampled, asked = idle_round(make_strategy, answers, fraction_train=0.5, min_nodes=3)
+    assert len(sampled) == 2 and asked == sampled and fusion["answered"] == 2
+    fusion, sampled, asked = idle_round(make_strategy, answers, fraction_train=0.5, min_nodes=2)
+    assert asked == {1, 2, 3, 4} - sampled
+
+
+def test_an_idle_nodes_unchecked_example_count_weighs_at_most_max_examples_ratio_times_the_rounds_median():
+    # the round's train replies claimed 50 each (checked); an idle node claiming 10^9 weighs 4 x 50 = 200
+    check = FusionCheck(1.0, 1, 5.0, seed=0, nodes="idle", max_ratio=4.0)
+    received = {1: {"num-examples": 50}, 2: {"num-examples": 50}}
+    replies = [scores(3, 150, 0.9, 0.1), scores(4, 10**9, 0.1, 0.9)]
+    verdict = choose(replies, "fused", received=received, max_ratio=check.max_ratio)
+    assert verdict["examples"] == 150 + 200
+    assert verdict["accuracy"]["averaged"] == pytest.approx((150 * 0.9 + 200 * 0.1) / 350)
+    assert choose(replies, "fused", received=received)["examples"] == 150 + 10**9  # max-examples-ratio 0: no cap
 
 
 def test_the_averaged_model_is_sent_to_the_checking_nodes_before_distillation_starts(make_strategy):
