@@ -14,9 +14,9 @@ example count and each candidate's loss and accuracy there (``client/client_app.
 ``evaluate_local``): no label, example or model leaves it.
 
 The checking nodes (``fusion-check-nodes``) are, with ``idle`` (the default), the
-connected nodes that did not train this round: out of sample, since no candidate was
-built from their data this round; when every node trained, and always with
-``trained``, this round's clients, which scored the model the round started from
+connected nodes not sampled to train this round: out of sample, since no candidate was
+built from their data this round; when fewer than ``min-nodes`` are idle, and always
+with ``trained``, this round's clients, which scored the model the round started from
 (``previous``) in their train replies on the same data, so it is a third candidate
 at no cost (in-sample scores, which favour the new candidates). Of the averaged and the fused model the one with the higher
 example-weighted accuracy, Σ n_i·acc_i / Σ n_i over the valid replies, is kept (a
@@ -78,7 +78,7 @@ def choose(replies: Iterable[Message], proxy_choice: str, candidates: tuple[str,
     """
     received = received or {}
     valid, failed, rejected = [], [], []
-    claims = [int(m["num-examples"]) for m in received.values() if isinstance(m.get("num-examples"), (int, float))]
+    claims = [int(m["num-examples"]) for m in received.values()]  # valid train replies: checked counts
     cap = max(1, int(max_ratio * statistics.median_low(claims))) if max_ratio and claims else 0
     by_node: dict[int, list[Message]] = {}
     for reply in replies:  # a node may answer two messages: the averaged model's and the fused one's
