@@ -8,7 +8,8 @@ one local epoch, no distillation, on the cross-device setting ``partitioning="sa
 client holds its own draw of ``examples-per-client`` digits (draws overlap between clients, so any
 count of clients holds data; docs/configuration.md). While it runs, every 0.5 s, it reads the
 machine's used memory (``MemTotal - MemAvailable``, ``/proc/meminfo``) and the proportional set size
-(``Pss``, ``/proc/PID/smaps_rollup``) of every process under the SuperLink, grouped by program.
+(``Pss``, ``/proc/PID/smaps_rollup``) and anonymous memory (``Pss_Anon``) of every process under the
+SuperLink, grouped by program.
 Prints, per count: peak machine memory over the idle machine (idle: read once the last count's processes
 have gone and memory has settled), the peak of the run's own processes' summed PSS (less noisy: other
 programs on the machine do not count), the PSS at the machine's peak by program, each
@@ -49,17 +50,24 @@ def program(pid: int) -> str:
     return name[:32]
 
 
-def pss_by_program(root: int) -> dict[str, float]:
-    """{program: summed Pss in MB} over ``root``'s process tree."""
-    totals: Counter = Counter()
+def memory_by_program(root: int) -> dict[str, dict[str, float]]:
+    """{measure: {program: summed MB}} over ``root``'s process tree, read from ``/proc/PID/smaps_rollup``.
+
+    ``pss``: proportional set size (each shared page divided among the processes that map it).
+    ``anon``: the process's own anonymous memory (``Pss_Anon``: its heap, what it keeps per client), which
+    does not move when another process maps or unmaps the same libraries, as PSS does.
+    """
+    totals: dict[str, Counter] = {"pss": Counter(), "anon": Counter()}
     for pid in launch.process_tree(root):
         try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
-            totals[program(pid)] += kb / 1024
-        except (OSError, StopIteration):
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in
+                      Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]}
+            name = program(pid)
+            totals["pss"][name] += fields["Pss"] / 1024
+            totals["anon"][name] += fields["Pss_Anon"] / 1024
+        except (OSError, KeyError, IndexError, ValueError):
             continue
-    return dict(totals)
+    return {measure: dict(counts) for measure, counts in totals.items()}
 
 
 RAY_PROGRAMS = ("raylet", "gcs_server", "ray::")
@@ -86,7 +94,8 @@ def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
     launch.write_connection(home, "scale", PORTS.address)
     idle = settled_idle()
     superlink = launch.start_superlink(home, PORTS, simulation=True)
-    peak, peak_pss, peak_tree, peak_by_program, started = 0.0, {}, 0.0, {}, time.monotonic()
+    peak, peak_pss, peak_tree, started = 0.0, {}, 0.0, time.monotonic()
+    peak_by_program: dict[str, dict[str, float]] = {"pss": {}, "anon": {}}
     try:
         run_config = (f'num-server-rounds={args.rounds} fraction-train={min(1.0, args.per_round / clients):.6g} '
                       f'min-nodes=2 local-epochs=1 distill="off" deliver="none" partitioning="sampled" '
@@ -95,12 +104,14 @@ def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
                                  stream=False, echo=lambda _: None)
         next_status = 0.0
         while True:
+            memory = memory_by_program(superlink.pid)
             if (now := used_mb() - idle) > peak:
-                peak, peak_pss = now, pss_by_program(superlink.pid)
-            programs = pss_by_program(superlink.pid)
-            peak_tree = max(peak_tree, sum(programs.values()))  # the run's own processes: less noise
-            for name, mb in programs.items():
-                peak_by_program[name] = max(peak_by_program.get(name, 0.0), mb)
+                peak, peak_pss = now, memory["pss"]
+            peak_tree = max(peak_tree, sum(memory["pss"].values()))  # the run's own processes: less noise
+            for measure_name, programs in memory.items():
+                peaks = peak_by_program[measure_name]
+                for name, mb in programs.items():
+                    peaks[name] = max(peaks.get(name, 0.0), mb)
             if time.monotonic() > next_status:
                 if (status := launch.run_status(home, "scale", run_id)).startswith("finished"):
                     break
@@ -114,7 +125,8 @@ def measure(clients: int, args: argparse.Namespace, folder: Path) -> dict:
         raise RuntimeError(f"{clients} clients: the run ended {status}; see {home / 'superlink.log'}")
     rows = [json.loads(line) for line in (out / str(run_id) / "metrics.jsonl").read_text().splitlines()]
     return {"clients": clients, "per-round": min(clients, args.per_round), "peak-mb-over-idle": peak,
-            "pss-mb-at-peak": peak_pss, "peak-pss-mb": peak_tree, "peak-pss-mb-by-program": peak_by_program, "round-seconds": [r["round-seconds"] for r in rows if r["round"] > 0],
+            "pss-mb-at-peak": peak_pss, "peak-pss-mb": peak_tree, "peak-pss-mb-by-program": peak_by_program["pss"],
+            "peak-anon-mb-by-program": peak_by_program["anon"], "round-seconds": [r["round-seconds"] for r in rows if r["round"] > 0],
             "wall-seconds": time.monotonic() - started}
 
 
@@ -151,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         a, b = results[0], results[-1]
         added = b["clients"] - a["clients"]
+        server = ("flwr-simulation", "flower-superlink")
+        anon = sum(b["peak-anon-mb-by-program"].get(p, 0.0) - a["peak-anon-mb-by-program"].get(p, 0.0) for p in server)
         print(f"memory per added client: {1024 * (b['peak-pss-mb'] - a['peak-pss-mb']) / added:.1f} KB of PSS, "
-              f"{1024 * (b['peak-mb-over-idle'] - a['peak-mb-over-idle']) / added:.1f} KB machine-wide")
+              f"{1024 * (b['peak-mb-over-idle'] - a['peak-mb-over-idle']) / added:.1f} KB machine-wide, "
+              f"{1024 * anon / added:.1f} KB of the server side's anonymous memory (the ServerApp and the SuperLink)")
     target = launch.REPO / "bench" / "results" / "scale.json"
     target.write_text(json.dumps({"per-round": args.per_round, "rounds": args.rounds, "examples-per-client":
                                   args.examples, "results": results}, indent=2))
