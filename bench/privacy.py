@@ -13,8 +13,10 @@ and the final ε (mean ± sd over seeds) and writes
 ``bench/results/privacy/{results.json,table.md,accuracy-vs-epsilon.png}``.
 
 ``example``: mnist-5k with ``bench.distill_benchmark``'s protocol (20 clients, ``fraction-train`` 0.4,
-5 rounds, 1 local epoch), ``dp`` off against ``dp="example"`` at a target ε of 8 per client (δ = 1/pool,
-below 1/n for every client), at the default batch size and at 64; writes ``bench/results/privacy/example/``.
+5 rounds, 1 local epoch), ``dp`` off against ``dp="example"`` at a target ε of 8 per client (δ = 1/pool),
+then both DP-sized (``DP_SIZED``: the ``tiny`` family, full-batch DP-SGD for 20 local epochs; with DP each
+client's ε spread over the 2 rounds it may train, ``dp-example-rounds``, at δ = 1/n);
+writes ``bench/results/privacy/example/``.
 
 ``knobs``: what was tried against ``example``'s gap, one seed: the small model family, a 6x learning
 rate, and the same pool in 4 clients of 750 examples that all train every round (a cross-silo shape);
@@ -45,11 +47,16 @@ SETTINGS = {  # name -> run-config overrides
 }
 
 
-EXAMPLE_PROTOCOL = 'dataset="mnist-5k" fraction-train=0.4 local-epochs=1 distill-steps=50 deliver="none"'
+EXAMPLE_PROTOCOL = 'dataset="mnist-5k" fraction-train=0.4 distill-steps=50 deliver="none"'
+# DP-sized: the tiny family (13k weights), full-batch DP-SGD for 20 local epochs, each client's budget spread
+# over the 2 rounds it trains in (20 clients x 2 = the 5 rounds x 8 a round), δ = 1/n for its n = 150 examples
+DP_SIZED = 'model-families="tiny" batch-size=150 local-epochs=20 lr=0.2'
 EXAMPLE_SETTINGS = {
-    "dp off": 'dp="off"',
-    "example, target ε 8": 'dp="example" dp-example-epsilon=8',
-    "example, target ε 8, batch 64": 'dp="example" dp-example-epsilon=8 batch-size=64',
+    "dp off": 'dp="off" local-epochs=1',
+    "example, target ε 8": 'dp="example" dp-example-epsilon=8 local-epochs=1',
+    "tiny, full batch, 20 epochs, dp off": f'dp="off" {DP_SIZED}',
+    "tiny, full batch, 20 epochs, example ε 8 over 2 rounds, δ 1/n":
+        f'dp="example" dp-example-epsilon=8 dp-example-rounds=2 dp-delta=0.0066 {DP_SIZED}',
 }
 KNOBS = {  # name -> (overrides on EXAMPLE_PROTOCOL, clients): what was tried against the example part's gap
     "small, dp off": ('model-families="small" dp="off"', 20),
@@ -141,7 +148,8 @@ def run_part(part: str, args: argparse.Namespace, out) -> str:
             grid = [(name, f"{EXAMPLE_PROTOCOL} {o}", args.clients) for name, o in EXAMPLE_SETTINGS.items()]
         elif part == "knobs":  # 4 clients: every one in every round, as a few silos would be
             grid = [(name, EXAMPLE_PROTOCOL.replace("fraction-train=0.4", "fraction-train=1.0" if m == 4 else
-                                                    "fraction-train=0.4") + f" {o}", m) for name, (o, m) in KNOBS.items()]
+                                                    "fraction-train=0.4") + f" local-epochs=1 {o}", m)
+                    for name, (o, m) in KNOBS.items()]
         else:
             grid = [(name, f"{CLIENTS_PROTOCOL} {o}", m) for m in CLIENT_COUNTS for name, o in CLIENTS_SETTINGS.items()]
         for name, overrides, clients in grid:
@@ -161,7 +169,7 @@ def run_part(part: str, args: argparse.Namespace, out) -> str:
         header = (f"{'20 (fraction-train 0.4) or 4 (1.0)' if part == 'knobs' else args.clients} clients, "
                   f"{args.rounds} rounds, {args.seeds} seeds" +
                   (f", clipping norm {args.clipping_norm:g}" if part == "settings" else
-                   ", mnist-5k, 1 local epoch, distill='global'" + ("" if part == "knobs" else ", fraction-train 0.4")))
+                   ", mnist-5k, distill='global'" + (", 1 local epoch" if part == "knobs" else ", fraction-train 0.4")))
         text = header + "\n\n" + table(results, {"settings": SETTINGS, "example": EXAMPLE_SETTINGS}.get(part, KNOBS))
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results))

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.delivery import deliver
-from client.example_dp import train_private
+from client.example_dp import charge_round, train_private
 from client.local_dp import local_dp
 from common.config import ConfigError, RunConfig, check_node_config
 from common.data import Dataset, client_set
@@ -99,6 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by FedProx's configure_train
     seed = shuffle_seed(config, msg, context)
     if config.dp == "example":  # DP-SGD, per-example clipping and noise (client/example_dp.py)
+        metrics["dp-rounds-trained"] = charge_round(context, config)
         metrics.update(train_private(model, data, config, device, seed, float(msg.content["config"]["dp-delta"])))
     else:
         metrics.update(train_local(model, data, config.local_epochs, config.batch_size, config.lr, device, seed,

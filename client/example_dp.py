@@ -4,9 +4,12 @@ Each client trains with DP-SGD (Abadi et al. 2016, "Deep Learning with Different
 mini-batches drawn by Poisson sampling at rate q = batch-size / n (n: this client's examples),
 every example's gradient clipped to L2 norm C = ``dp-example-clipping-norm``, Gaussian noise of
 std σ·C added to their sum, σ = ``dp-example-noise-multiplier``, or the σ that Opacus finds for
-``dp-example-epsilon`` over the whole run (``num-server-rounds`` x ``local-epochs`` epochs: the
-most this client can train). The library does all of it: ``opacus.PrivacyEngine.make_private``
-(``opacus/privacy_engine.py``) and ``opacus.accountants.utils.get_noise_multiplier``.
+``dp-example-epsilon`` over the rounds this client may train (``dp-example-rounds``, 0: every one of
+``num-server-rounds``) x ``local-epochs`` epochs. The library does all of it:
+``opacus.PrivacyEngine.make_private`` (``opacus/privacy_engine.py``) and
+``opacus.accountants.utils.get_noise_multiplier``. A client that has trained ``dp-example-rounds`` rounds
+refuses to train again in this run (:func:`charge_round`): its σ was sized for no more, and the server,
+which should not ask it (``server/sampling.py`` ``TrainingBudget``), is not trusted to count.
 
 The guarantee is per example of this client's data (add or remove one example), at δ as the
 server sends it (``dp-delta``; 0: 1 / the clients' pool, below 1 / n for every client). The
@@ -21,6 +24,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from flwr.app import Context, MetricRecord
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -37,8 +41,28 @@ def _opacus():
     return opacus, get_noise_multiplier
 
 
+BUDGET_STATE = "dp-example"  # context.state key: {"rounds": DP-SGD rounds this client trained in this run}
+
+
+def charge_round(context: Context, config: RunConfig) -> int:
+    """Count one more DP-SGD round against this client's budget (``context.state``, kept by the SuperNode for
+    the run); returns the rounds trained with this one.
+
+    Raises:
+        ConfigError: the client has trained ``dp-example-rounds`` rounds in this run already.
+    """
+    trained = int(context.state[BUDGET_STATE]["rounds"]) if BUDGET_STATE in context.state else 0
+    if trained >= config.example_dp_rounds:
+        raise ConfigError(f"dp = 'example': this client has trained {trained} rounds of this run, all that "
+                          f"dp-example-rounds = {config.dp_example_rounds} (0: num-server-rounds = "
+                          f"{config.num_server_rounds}) allows; its σ was sized for no more, so it trains no more")
+    context.state[BUDGET_STATE] = MetricRecord({"rounds": trained + 1})
+    return trained + 1
+
+
 def noise_multiplier(config: RunConfig, sample_rate: float, delta: float) -> float:
-    """σ: ``dp-example-noise-multiplier``, or Opacus's σ for ``dp-example-epsilon`` at ``delta`` over the run.
+    """σ: ``dp-example-noise-multiplier``, or Opacus's σ for ``dp-example-epsilon`` at ``delta`` over the rounds
+    this client may train (``RunConfig.example_dp_rounds``).
 
     ``sample_rate``: q, the Poisson sampling rate of one step (batch-size / n).
     """
@@ -46,7 +70,7 @@ def noise_multiplier(config: RunConfig, sample_rate: float, delta: float) -> flo
         return config.dp_example_noise_multiplier
     _, get_noise_multiplier = _opacus()
     return float(get_noise_multiplier(target_epsilon=config.dp_example_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, epochs=config.num_server_rounds * config.local_epochs,
+                                      sample_rate=sample_rate, epochs=config.example_dp_rounds * config.local_epochs,
                                       accountant="rdp"))
 
 

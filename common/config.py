@@ -111,6 +111,7 @@ _SPEC: dict[str, tuple[type, tuple[Callable[[Any], bool], str]]] = {
     "dp-example-noise-multiplier": (float, _range(0, lo_open=True)),
     "dp-example-epsilon": (float, _range(0)),
     "dp-example-clipping-norm": (float, _range(0, lo_open=True)),
+    "dp-example-rounds": (int, ((lambda v: v >= 0), "an integer >= 0 (0: num-server-rounds)")),
     "record-updates": (str, _parses(functools.partial(parse_partitions, key="record-updates"),
                                     "'' (none) or partition numbers and ranges whose client updates the server "
                                     "writes, e.g. '0' or '0-2'")),
@@ -250,6 +251,7 @@ class RunConfig:
     dp_example_noise_multiplier: float
     dp_example_epsilon: float
     dp_example_clipping_norm: float
+    dp_example_rounds: int
     record_updates: str
     resume_from: str
     device: str
@@ -322,6 +324,11 @@ class RunConfig:
     def families(self) -> tuple[str, ...]:
         """``model-families`` parsed: the run's model families, the global model's first."""
         return parse_families(self.model_families)
+
+    @property
+    def example_dp_rounds(self) -> int:
+        """The rounds one client's ``dp = 'example'`` budget covers: ``dp-example-rounds``, 0 = every round."""
+        return self.dp_example_rounds or self.num_server_rounds
 
     @property
     def trains_student(self) -> bool:

@@ -1,7 +1,7 @@
 """Which model family each node trains, and one record that carries every family's global model.
 
-A federation may mix model families (``common/models.py`` ``MODEL_FAMILIES``: ``large``, today's
-CNN, and ``small``, the compact one): each family is averaged among its own clients and FedDF's
+A federation may mix model families (``MODEL_FAMILIES``: ``large``, today's CNN, ``small``, the
+compact one, and ``tiny``, sized for example-level DP): each family is averaged among its own clients and FedDF's
 distillation fuses knowledge across them (Lin et al. 2020, Sec. 4.3; ``server/families.py``). Which
 family a node trains, in this order:
 
@@ -16,14 +16,25 @@ single family carries that family's model unchanged, so its files are those of a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flwr.app import ArrayRecord
 
-# The families by name: the CNN's (conv, conv, hidden) widths (common/models.py builds them). Kept here, not
-# beside the torch code, so that what only checks a family's name (the run and node config, a SuperNode
-# process) does not import torch: ~475 MB a process.
-TEACHER_WIDTHS = (64, 128, 512)
-STUDENT_WIDTHS = (32, 64, 128)
-MODEL_FAMILIES = {"large": TEACHER_WIDTHS, "small": STUDENT_WIDTHS}
+class Architecture(NamedTuple):
+    """A family's CNN (``common/models.py`` builds it): its (conv, conv, hidden) widths and activation."""
+
+    conv1: int
+    conv2: int
+    hidden: int
+    activation: str = "relu"  # or "tanh", a tempered sigmoid: it learns better under DP-SGD (Papernot et al. 2021)
+
+
+# The families by name. Kept here, not beside the torch code, so that what only checks a family's name (the
+# run and node config, a SuperNode process) does not import torch: ~475 MB a process. ``tiny`` is sized for
+# dp = "example": DP-SGD's noise grows with the weights' count d and the signal with a client's examples n,
+# so it learns when n / sqrt(d) is not small (13k weights on 28x28 digits; docs/privacy.md).
+MODEL_FAMILIES = {"large": Architecture(64, 128, 512), "small": Architecture(32, 64, 128),
+                  "tiny": Architecture(4, 8, 32, "tanh")}
 
 SEPARATOR = "/"
 

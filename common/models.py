@@ -1,9 +1,10 @@
-"""The model families: one CNN at two widths, the ``large`` one clients train and the ``small`` one.
+"""The model families: one CNN at three widths, the ``large`` one clients train, the ``small`` one and ``tiny``.
 
 Two 3x3 conv layers (padding 1), each followed by ReLU and 2x2 max-pool, then
 two fully connected layers. For 32x32x3 input the teacher is conv 3->64,
 conv 64->128, fc 128*8*8->512, fc 512->10; the student halves the conv widths
-and shrinks the hidden layer to 128. Any (C, H, W) input and class count works.
+and shrinks the hidden layer to 128. ``tiny`` (conv 4, conv 8, fc 32, tanh: 13,242 weights on 28x28
+digits) is sized for example-level DP (``dp = "example"``). Any (C, H, W) input and class count works.
 
 The two widths are the model families (``common.model_families.MODEL_FAMILIES``): ``large`` is the
 teacher, the model every client trains by default; ``small`` is the student's
@@ -18,23 +19,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.model_families import MODEL_FAMILIES
+from common.model_families import MODEL_FAMILIES, Architecture
 
 
 class ConvNet(nn.Module):
-    """conv-relu-pool x2, fc-relu, fc."""
+    """conv-act-pool x2, fc-act, fc (act: ReLU, or tanh where the architecture says so)."""
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, int, int]):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, architecture: Architecture):
         super().__init__()
         channels, height, width = input_shape
-        conv1, conv2, hidden = widths
+        conv1, conv2, hidden, activation = architecture
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
         self.features = nn.Sequential(
-            nn.Conv2d(channels, conv1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(conv1, conv2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, conv1, 3, padding=1), act(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, 3, padding=1), act(), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(conv2 * (height // 4) * (width // 4), hidden), nn.ReLU(),
+            nn.Linear(conv2 * (height // 4) * (width // 4), hidden), act(),
             nn.Linear(hidden, num_classes),
         )
 

@@ -27,6 +27,7 @@ RESUME_FILE = "resume.pt"
 # without the key resumes when the run keeps that value.
 ADDED_SINCE = {"model-families": "large", "small-partitions": "", "record-updates": "",
                "dp-example-noise-multiplier": 1.0, "dp-example-epsilon": 0.0, "dp-example-clipping-norm": 1.0,
+               "dp-example-rounds": 0,
                "fusion-check-nodes": "trained"}
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 MAY_CHANGE = ("num-server-rounds", "min-nodes", "node-wait-timeout", "round-timeout", "fraction-evaluate",

@@ -136,8 +136,9 @@ class SampledGrid:
         return getattr(self._grid, name)
 
 
-def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
-    """``fraction`` of ``nodes`` (at least ``minimum``, at most all of them), drawn with ``rng``.
+def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random, out_of: int | None = None) -> list[int]:
+    """``fraction`` of ``out_of`` nodes (default: of ``nodes``; at least ``minimum``, at most all of ``nodes``),
+    drawn from ``nodes`` with ``rng``.
 
     The draw picks positions in ``nodes``: given in the same order (by
     partition) and an ``rng`` in the same state, it picks the same data again.
@@ -145,5 +146,36 @@ def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) 
     simulation Ray shares the ServerApp's process and draws from the module's
     generator at times that vary between runs (``ray/_private/gcs_pubsub.py``).
     """
-    size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    size = min(len(nodes), max(int((len(nodes) if out_of is None else out_of) * fraction), minimum))
     return rng.sample(nodes, size)
+
+
+class TrainingBudget:
+    """``dp = "example"``: each partition trains in at most ``rounds`` rounds of a run (``dp-example-rounds``).
+
+    Every client sizes its DP-SGD noise for that many rounds (``client/example_dp.py``) and refuses one more;
+    the server asks only partitions with rounds left, so that a round's sample is not spent on refusals. A
+    round's size stays ``fraction-train`` of the connected nodes while enough have rounds left, and shrinks
+    when fewer do. Kept by partition (the data a node trains), not node ID: two nodes on one partition share
+    its rounds, since its examples are in both their updates, and a resumed run (``server/checkpoint.py``)
+    goes on counting.
+    """
+
+    def __init__(self, rounds: int):
+        self.rounds = rounds
+        self.trained: dict[int, int] = {}  # partition -> rounds it was asked to train in
+
+    def left(self, nodes: list[int], partition_of: dict[int, int]) -> list[int]:
+        """Those of ``nodes`` whose partition (``partition_of[node]``) has a round left."""
+        return [node for node in nodes if self.trained.get(partition_of[node], 0) < self.rounds]
+
+    def charge(self, nodes: list[int], partition_of: dict[int, int]) -> None:
+        """``nodes`` were asked to train: one round each, whether or not their reply arrives."""
+        for node in nodes:
+            self.trained[partition_of[node]] = self.trained.get(partition_of[node], 0) + 1
+
+    def state_dict(self) -> dict:
+        return {str(partition): rounds for partition, rounds in self.trained.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trained = {int(partition): int(rounds) for partition, rounds in state.items()}

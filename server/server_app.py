@@ -28,7 +28,7 @@ from server.fusion_check import FusionCheck
 from server.message_index import index_pending_messages
 from server.privacy import with_privacy
 from server.reply_poll import ShortPollGrid
-from server.sampling import NoNodesError, SimulationRoster, ask_nodes
+from server.sampling import NoNodesError, SimulationRoster, TrainingBudget, ask_nodes
 from server.reporting import RunReport
 from server.strategy import DistillStrategy
 from server.validation import ExampleCounts
@@ -94,6 +94,7 @@ def run(grid: Grid, config: RunConfig, run_id: int, device, proxy_set, test_set)
                                  max_ratio=config.max_examples_ratio) if config.fusion_check == "clients" else None,
         example_counts=ExampleCounts(functools.lru_cache(8)(functools.partial(partition_sizes, config)),
                                      config.max_examples_ratio),
+        budget=TrainingBudget(config.example_dp_rounds) if config.dp == "example" else None,
         roster=SimulationRoster(grid.state, config.seed) if simulation else ask_nodes,
     )
     strategy.record_partitions = parse_partitions(config.record_updates)

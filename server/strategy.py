@@ -27,7 +27,7 @@ from server.distillation import ServerDistillation
 from server.families import ModelFamilies, family_roster, family_stats
 from server.fusion_check import Asked, FusionCheck
 from server.privacy import dp_sgd_rounds
-from server.sampling import SampledGrid, ask_nodes, sample, wait_for_nodes
+from server.sampling import SampledGrid, TrainingBudget, ask_nodes, sample, wait_for_nodes
 from server.validation import OWN_DATA, ExampleCounts, clip_update
 
 
@@ -83,7 +83,7 @@ class DistillStrategy(Strategy):
                  num_partitions: int = 0, node_wait_timeout: float = 300.0, round_timeout: float | None = None,
                  max_update_norm: float = 0.0, round_offset: int = 0, sampling_seed: int | None = None,
                  fusion_check: FusionCheck | None = None, example_counts: ExampleCounts | None = None,
-                 roster=ask_nodes):
+                 budget: TrainingBudget | None = None, roster=ask_nodes):
         super().__init__()
         self.aggregator = aggregator if isinstance(aggregator, ModelFamilies) else ModelFamilies({"large": aggregator})
         self.distillation = distillation
@@ -103,6 +103,7 @@ class DistillStrategy(Strategy):
         self.round_stats: dict[int, dict] = {}
         self.fusion_check = fusion_check
         self.example_counts = example_counts
+        self.budget = budget  # dp = 'example': the rounds each partition may still train
         self.global_arrays: ArrayRecord | None = None  # what this round sent: replies are checked against it
         self._grid: Grid | None = None  # this round's, for the fusion check's messages
         self._round_started = self._node_wait = 0.0
@@ -113,7 +114,8 @@ class DistillStrategy(Strategy):
         return {"partition-of": {str(node): p for node, p in self.partition_of.items()},
                 "num-partitions": self.num_partitions,
                 "family-of": {str(node): f for node, f in self.aggregator.family_of.items()},
-                "left-out": sorted(self.left_out)}
+                "left-out": sorted(self.left_out),
+                **({"example-rounds": self.budget.state_dict()} if self.budget else {})}
 
     def load_partition_state(self, state: dict) -> None:
         """Restore :meth:`partition_state` (an empty dict: nothing handed out yet)."""
@@ -122,6 +124,8 @@ class DistillStrategy(Strategy):
             self.num_partitions = int(state["num-partitions"])
             self.aggregator.family_of.update({int(node): f for node, f in state.get("family-of", {}).items()})
             self.left_out.update(int(node) for node in state.get("left-out", []))
+            if self.budget:
+                self.budget.load_state_dict(state.get("example-rounds", {}))
 
     def placements(self, grid: Grid) -> dict[int, tuple[int, int]]:
         """{node ID: (partition, num-partitions)} of every connected node; new nodes are handed one first."""
@@ -161,12 +165,18 @@ class DistillStrategy(Strategy):
         self._hand_out_partitions(grid, connected)
         connected = [node for node in connected if node not in self.left_out]
         self._node_wait = time.perf_counter() - waited  # includes asking new nodes their partition
+        budgeted = message_type == MessageType.TRAIN and self.budget is not None
+        data = {node: self.partition_of[node] % self.num_partitions for node in connected}  # which data it trains
+        candidates = self.budget.left(connected, data) if budgeted else connected
         # Sampled in partition order, not by node ID (new in every run): a seed repeats which data trains.
-        chosen = sample(sorted(connected, key=lambda node: (self.partition_of[node], node)), fraction, minimum,
-                        self.rng)
-        log(INFO, "%s: sampled %d nodes (out of %d)", message_type, len(chosen), len(connected))
+        chosen = sample(sorted(candidates, key=lambda node: (self.partition_of[node], node)), fraction, minimum,
+                        self.rng, out_of=len(connected))
+        log(INFO, "%s: sampled %d nodes (out of %d%s)", message_type, len(chosen), len(connected),
+            f"; {len(candidates)} with dp-example-rounds left" if budgeted else "")
         if message_type == MessageType.TRAIN:
             self._sampled = set(chosen)  # a node sampled to train is no idle node, even if its reply failed
+            if budgeted:
+                self.budget.charge(chosen, data)
         messages = []
         for message in configure(server_round, arrays, config, SampledGrid(grid, chosen)):
             node = message.metadata.dst_node_id

@@ -36,6 +36,7 @@ def test_defaults_parse_into_typed_config(config):
         ("dp-example-noise-multiplier", 0.0, "> 0"),
         ("dp-example-epsilon", -1.0, ">= 0"),
         ("dp-example-clipping-norm", 0.0, "> 0"),
+        ("dp-example-rounds", -1, "an integer >= 0 (0: num-server-rounds)"),
         ("record-updates", "0-x", "neither a partition number >= 0 nor a range a-b"),
     ],
 )

@@ -87,3 +87,31 @@ def test_central_dp_warns_when_its_noise_on_the_mean_outweighs_the_clipping_norm
     problem = central_noise_problem(weights, config.dp_noise_multiplier, config.dp_clipping_norm, 10)
     assert problem is not None and f"d = {weights:,}" in problem and f"m >= {int(weights ** 0.5) + 1:,}" in problem
     assert central_noise_problem(weights, 0.01, 1.0, 10) is None  # sqrt(d) * 0.01 / 10 < 1
+
+
+def test_a_client_trains_at_most_dp_example_rounds_rounds_of_a_run_and_then_refuses_saying_why(private):
+    from flwr.app import Context, RecordDict
+
+    from client.example_dp import charge_round
+    from common.config import ConfigError
+
+    config = replace(private, dp_example_rounds=2, num_server_rounds=5)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    assert [charge_round(context, config), charge_round(context, config)] == [1, 2]
+    with pytest.raises(ConfigError, match=r"trained 2 rounds of this run, all that dp-example-rounds = 2"):
+        charge_round(context, config)
+    every_round = replace(private, dp_example_rounds=0, num_server_rounds=3)  # 0: as many as the run has
+    fresh = Context(run_id=1, node_id=8, node_config={}, state=RecordDict(), run_config={})
+    assert [charge_round(fresh, every_round) for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(ConfigError, match=r"\(0: num-server-rounds = 3\)"):
+        charge_round(fresh, every_round)
+
+
+def test_the_noise_is_sized_for_the_rounds_a_client_may_train_not_for_every_round_of_the_run(private):
+    from client.example_dp import noise_multiplier
+
+    target = replace(private, dp_example_epsilon=8.0, num_server_rounds=5, local_epochs=1)
+    every_round, two_rounds = (noise_multiplier(replace(target, dp_example_rounds=k), 0.1, DELTA) for k in (0, 2))
+    assert two_rounds < every_round
+    assert dp_sgd_epsilon([(two_rounds, 0.1, 10)] * 2, DELTA) == pytest.approx(8.0, rel=0.02)
+    assert dp_sgd_epsilon([(every_round, 0.1, 10)] * 5, DELTA) == pytest.approx(8.0, rel=0.02)

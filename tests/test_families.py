@@ -151,7 +151,7 @@ def test_small_partitions_are_numbers_and_ranges(spec, parsed):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("model-families", "large,tiny", "'model-families' = 'large,tiny' is not allowed; use a comma-separated list"),
+    ("model-families", "large,huge", "'model-families' = 'large,huge' is not allowed; use a comma-separated list"),
     ("model-families", "small,small", "'model-families' = 'small,small' is not allowed"),
     ("model-families", "", "'model-families' = '' is not allowed"),
     ("small-partitions", "3-1", "'small-partitions' = '3-1' is not allowed: '3-1' is neither a partition number >= 0 "
@@ -176,7 +176,7 @@ def test_combinations_mixed_families_cannot_run_are_refused_at_start(raw_config,
 def test_a_bad_model_in_a_node_config_is_refused():
     from common.config import check_node_config
 
-    with pytest.raises(ConfigError, match="node config 'model' = 'huge' is not allowed; use one of 'large', 'small'"):
+    with pytest.raises(ConfigError, match="node config 'model' = 'huge' is not allowed; use one of 'large', 'small', 'tiny'"):
         check_node_config({"model": "huge"})
     assert parse_families("large,small") == ("large", "small")
 

@@ -30,3 +30,15 @@ def test_student_has_at_most_a_quarter_of_the_teachers_parameters(shape):
     teacher, student = model_size(build_teacher(shape, 10)), model_size(build_student(shape, 10))
     assert student.parameters <= teacher.parameters / 4
     assert student.megabytes == pytest.approx(student.parameters * 4 / 1e6)
+
+
+def test_the_tiny_family_is_sized_for_dp_sgd_tanh_and_13k_weights_on_28x28_digits_and_opacus_can_train_it():
+    from common.models import build_model
+
+    tiny = build_model("tiny", (1, 28, 28), 10)
+    assert model_size(tiny).parameters == 13_242
+    assert tiny(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    activations = [type(m) for m in tiny.modules() if isinstance(m, (torch.nn.Tanh, torch.nn.ReLU))]
+    assert activations == [torch.nn.Tanh] * 3  # a tempered sigmoid (Papernot et al. 2021), not ReLU
+    opacus = pytest.importorskip("opacus")
+    assert opacus.validators.ModuleValidator.validate(tiny, strict=False) == []

@@ -133,6 +133,23 @@ def test_every_dp_mode_with_distillation_completes_and_reports_epsilon(superlink
         assert all(c["dp-steps"] > 0 and 0 < c["dp-epsilon"] < epsilons[1] for c in rows[2]["clients"])
 
 
+def test_example_dp_spends_each_clients_epsilon_over_the_rounds_it_may_train_and_asks_no_client_past_them(
+        superlink, tmp_path):
+    """dp-example-rounds = 1 of 2 rounds, half of 4 clients a round, the tiny family: each client sizes its noise
+    for the whole target ε in one round, and the server asks the other two clients in round 2."""
+    out = tmp_path / "out"
+    run_id, status, lines = simulate(superlink, f'dp="example" model-families="tiny" dp-example-epsilon=8 '
+                                     f'dp-example-rounds=1 num-server-rounds=2 fraction-train=0.5 min-nodes=2 '
+                                     f'local-epochs=1 distill="off" out-dir="{out}"', clients=4)
+    assert status == "finished:completed", "\n".join(lines)
+    rows = metrics(out / str(run_id))
+    trained = [{c["partition-id"] for c in row["clients"]} for row in rows[1:]]
+    assert len(trained[0]) == len(trained[1]) == 2 and not trained[0] & trained[1], trained
+    assert all(c["dp-rounds-trained"] == 1 for row in rows[1:] for c in row["clients"])
+    assert 7.5 < rows[2]["privacy"]["epsilon"] <= 8.01  # each client spent its whole ε 8 in its one round
+    assert any("2 with dp-example-rounds left" in line for line in lines)
+
+
 def test_central_dp_with_the_ensemble_teacher_stops_at_start_saying_why(superlink, tmp_path):
     _, status, lines = simulate(superlink, f'distill="ensemble" dp="central" out-dir="{tmp_path / "out"}"', clients=2)
     assert status != "finished:completed"

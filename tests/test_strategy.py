@@ -180,3 +180,22 @@ def test_when_the_registration_order_disagrees_with_an_answer_every_node_is_aske
     assert strategy.partition_of == {node: (i + 1) % 12 for i, node in enumerate(registered)}
     assert [m.metadata.message_type for m in grid.sent].count("query") == 4 + 12
     assert "registration order does not give its nodes' partitions" in caplog.text
+
+
+def test_with_an_example_dp_budget_a_partition_trains_at_most_its_rounds_and_a_round_shrinks_when_few_are_left(
+        make_strategy):
+    """dp-example-rounds = 1: 6 nodes, half a round. Rounds 1 and 2 train 3 partitions each, all different; round 3
+    finds none left and trains none; the count goes with the partition into a resumed run."""
+    from server.sampling import TrainingBudget
+
+    grid = FakeGrid([11, 22, 33, 44, 55, 66])
+    strategy = make_strategy(fraction_train=0.5, sampling_seed=0, budget=TrainingBudget(1))
+    rounds = [{m.content["config"]["partition-id"] for m in strategy.configure_train(r, ZEROS, ConfigRecord({}), grid)}
+              for r in (1, 2, 3)]
+    assert len(rounds[0]) == len(rounds[1]) == 3 and not rounds[0] & rounds[1] and rounds[2] == set()
+    resumed = make_strategy(fraction_train=0.5, budget=TrainingBudget(2))
+    resumed.load_partition_state(strategy.partition_state())
+    assert resumed.budget.trained == {p: 1 for p in range(6)}
+    assert len(resumed.configure_train(4, ZEROS, ConfigRecord({}), grid)) == 3  # each has a round left of 2
+    unbudgeted = make_strategy(fraction_train=0.5, sampling_seed=0)
+    assert all(len(unbudgeted.configure_train(r, ZEROS, ConfigRecord({}), grid)) == 3 for r in (1, 2, 3))
