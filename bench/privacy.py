@@ -15,7 +15,8 @@ and the final ε (mean ± sd over seeds) and writes
 ``example``: mnist-5k with ``bench.distill_benchmark``'s protocol (20 clients, ``fraction-train`` 0.4,
 5 rounds, 1 local epoch), ``dp`` off against ``dp="example"`` at a target ε of 8 per client (δ = 1/pool),
 then both DP-sized (``DP_SIZED``: the ``tiny`` family, full-batch DP-SGD for 20 local epochs; with DP each
-client's ε spread over the 2 rounds it may train, ``dp-example-rounds``, at δ = 1/n);
+client's ε spread over the 2 rounds it may train, ``dp-example-rounds``, at δ = 1/n), and that DP row again
+with FedDF's fuse-back (``distill="ensemble" distill-target="both"``);
 writes ``bench/results/privacy/example/``.
 
 ``knobs``: what was tried against ``example``'s gap, one seed: the small model family, a 6x learning
@@ -57,6 +58,8 @@ EXAMPLE_SETTINGS = {
     "tiny, full batch, 20 epochs, dp off": f'dp="off" {DP_SIZED}',
     "tiny, full batch, 20 epochs, example ε 8 over 2 rounds, δ 1/n":
         f'dp="example" dp-example-epsilon=8 dp-example-rounds=2 dp-delta=0.0066 {DP_SIZED}',
+    "the same, FedDF's fuse-back": f'dp="example" dp-example-epsilon=8 dp-example-rounds=2 dp-delta=0.0066 '
+                                   f'distill="ensemble" distill-target="both" {DP_SIZED}',
 }
 KNOBS = {  # name -> (overrides on EXAMPLE_PROTOCOL, clients): what was tried against the example part's gap
     "small, dp off": ('model-families="small" dp="off"', 20),

@@ -83,7 +83,9 @@ def load(config: RunConfig) -> Resumable:
 
     Raises ConfigError when the folder has no ``resume.pt``, when a key outside
     ``MAY_CHANGE`` differs from the run being resumed (naming the key, both
-    values and what may change), or when ``num-server-rounds`` leaves nothing to do.
+    values and what may change), when ``dp = "example"`` would size a client's budget for another number of
+    rounds (``dp-example-rounds``, whose 0 means ``num-server-rounds``), or when ``num-server-rounds`` leaves
+    nothing to do.
     """
     folder = Path(config.resume_from)
     path = folder / RESUME_FILE
@@ -107,7 +109,7 @@ def load(config: RunConfig) -> Resumable:
                           "or start a new run") from err
     before, now = resumable.config, config.to_mapping()
     for key, value in now.items():
-        if key in MAY_CHANGE:
+        if key in MAY_CHANGE or key == "dp-example-rounds":  # compared as the rounds it means, below
             continue
         if key not in before and ADDED_SINCE.get(key, object()) == value:
             continue  # a key added since, at the value that behaves as the older version did
@@ -120,6 +122,13 @@ def load(config: RunConfig) -> Resumable:
             raise ConfigError(
                 f"run config '{key}' = {value!r} differs from the run being resumed ({before[key]!r}); a resumed run "
                 f"keeps its data, model and training keys: only {', '.join(MAY_CHANGE)} may change")
+    sized_for = int(before.get("dp-example-rounds", 0)) or int(before["num-server-rounds"])
+    if config.dp == "example" and config.example_dp_rounds != sized_for:
+        raise ConfigError(
+            f"run config 'dp-example-rounds' = {config.dp_example_rounds} (num-server-rounds = "
+            f"{config.num_server_rounds}): the run being resumed sized each client's DP-SGD noise and rounds for "
+            f"{sized_for} rounds; sizing them anew would spend more than its ε; resume with dp-example-rounds = "
+            f"{sized_for}")
     if config.num_server_rounds <= resumable.round:
         raise ConfigError(
             f"run config 'num-server-rounds' = {config.num_server_rounds}: the run in {config.resume_from!r} has "

@@ -212,7 +212,8 @@ DP_SGD_KEYS = ("dp-noise-multiplier", "dp-sample-rate", "dp-steps")
 
 
 def dp_sgd_rounds(replies: Iterable[Message]) -> list[dict]:
-    """The DP-SGD round each reply reports (``node-id``, :data:`DP_SGD_KEYS`, its ``dp-epsilon``); [] when none does.
+    """The DP-SGD round each reply reports (``node-id``, the ``partition-id`` it trained, -1: its own data,
+    :data:`DP_SGD_KEYS`, its ``dp-epsilon``); [] when none does.
 
     Every reply that is not an error counts, a rejected one included: it left its node."""
     rows = []
@@ -221,8 +222,8 @@ def dp_sgd_rounds(replies: Iterable[Message]) -> list[dict]:
             continue
         for record in reply.content.metric_records.values():
             if all(key in record for key in DP_SGD_KEYS):
-                rows.append({"node-id": reply.metadata.src_node_id, **{k: record[k] for k in DP_SGD_KEYS},
-                             "dp-epsilon": record.get("dp-epsilon", math.inf)})
+                rows.append({"node-id": reply.metadata.src_node_id, "partition-id": int(record.get("partition-id", -1)),
+                             **{k: record[k] for k in DP_SGD_KEYS}, "dp-epsilon": record.get("dp-epsilon", math.inf)})
                 break
     return rows
 
@@ -231,7 +232,9 @@ class ExampleLedger:
     """``dp = "example"``: each client's DP-SGD rounds (``client/example_dp.py``), composed; the worst client's ε.
 
     Every reply that left a node reports its round's σ, q and steps (``stats['dp-replies']``, rejected
-    replies included: the server saw them); a client's ε composes all its rounds in this run. After a
+    replies included: the server saw them); the ε of a client's data composes all its rounds in this run,
+    kept by the partition it trained (two nodes on one partition release the same examples), or by node for
+    a node on its own data. After a
     resume (node IDs may be new), every client is charged the worst client's rounds before it too: an
     upper bound, never an undercount. The guarantee is per example of a client's data, not per client.
     """
@@ -240,13 +243,20 @@ class ExampleLedger:
 
     def __init__(self, config: RunConfig, pool_size: int):
         self.delta = privacy_delta(config, pool_size)
-        self.history: dict[int, list[Mechanism]] = {}
+        if config.dp_example_rounds > config.num_server_rounds:
+            log(WARNING, "fl-distill: dp-example-rounds = %d is more than num-server-rounds = %d: each client sizes "
+                "its noise for rounds this run does not have and spends less than its ε (more noise than needed); "
+                "lower it to at most %d unless a resume will add rounds", config.dp_example_rounds,
+                config.num_server_rounds, config.num_server_rounds)
+        self.history: dict[str, list[Mechanism]] = {}  # "partition P" or "node N" (own data) -> its rounds
         self.before: list[Mechanism] = []  # resumed run: the worst client's rounds before the resume
 
     def record_round(self, stats: dict) -> dict:
         """The privacy block of this round's metrics line."""
         for reply in stats.get("dp-replies", []):
-            self.history.setdefault(int(reply["node-id"]), []).append(
+            data = (f"partition {reply['partition-id']}" if int(reply.get("partition-id", -1)) >= 0
+                    else f"node {reply['node-id']}")
+            self.history.setdefault(data, []).append(
                 (float(reply["dp-noise-multiplier"]), float(reply["dp-sample-rate"]), int(reply["dp-steps"])))
         worst = self._worst()
         return {"mechanism": self.mechanism, "unit": "example", "epsilon": dp_sgd_epsilon(worst, self.delta),

@@ -156,9 +156,10 @@ class TrainingBudget:
     Every client sizes its DP-SGD noise for that many rounds (``client/example_dp.py``) and refuses one more;
     the server asks only partitions with rounds left, so that a round's sample is not spent on refusals. A
     round's size stays ``fraction-train`` of the connected nodes while enough have rounds left, and shrinks
-    when fewer do. Kept by partition (the data a node trains), not node ID: two nodes on one partition share
-    its rounds, since its examples are in both their updates, and a resumed run (``server/checkpoint.py``)
-    goes on counting.
+    when fewer do. Kept by partition (the data a node trains), not node ID: two nodes on one partition (more
+    nodes than partitions, or two pinning one) share its rounds, since its examples are in both their
+    updates, and only one of them trains in a round; a resumed run (``server/checkpoint.py``) goes on
+    counting.
     """
 
     def __init__(self, rounds: int):
@@ -166,8 +167,12 @@ class TrainingBudget:
         self.trained: dict[int, int] = {}  # partition -> rounds it was asked to train in
 
     def left(self, nodes: list[int], partition_of: dict[int, int]) -> list[int]:
-        """Those of ``nodes`` whose partition (``partition_of[node]``) has a round left."""
-        return [node for node in nodes if self.trained.get(partition_of[node], 0) < self.rounds]
+        """Of ``nodes``, one per partition (``partition_of[node]``; the lowest node ID) whose partition has a
+        round left: two nodes on one partition would release its examples twice in one round."""
+        first = {}
+        for node in sorted(nodes, reverse=True):
+            first[partition_of[node]] = node
+        return sorted(node for partition, node in first.items() if self.trained.get(partition, 0) < self.rounds)
 
     def charge(self, nodes: list[int], partition_of: dict[int, int]) -> None:
         """``nodes`` were asked to train: one round each, whether or not their reply arrives."""

@@ -173,6 +173,11 @@ class DistillStrategy(Strategy):
                         self.rng, out_of=len(connected))
         log(INFO, "%s: sampled %d nodes (out of %d%s)", message_type, len(chosen), len(connected),
             f"; {len(candidates)} with dp-example-rounds left" if budgeted else "")
+        if budgeted and len(chosen) < (wanted := min(len(connected), max(int(len(connected) * fraction), minimum))):
+            log(WARNING, "fl-distill: round %d trains %d nodes, not %d: only %d partitions have a round left of "
+                "dp-example-rounds = %d (each client's DP budget); raise it, or lower fraction-train or "
+                "num-server-rounds", server_round + self.round_offset, len(chosen), wanted, len(candidates),
+                self.budget.rounds)
         if message_type == MessageType.TRAIN:
             self._sampled = set(chosen)  # a node sampled to train is no idle node, even if its reply failed
             if budgeted:

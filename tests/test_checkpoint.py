@@ -44,6 +44,21 @@ def test_how_long_and_where_a_run_goes_may_change_on_resume(tmp_path, config):
                             min_nodes=5, node_wait_timeout=10.0, device="cpu"))
 
 
+def test_an_example_dp_run_resumes_only_with_each_clients_budget_sized_for_the_same_rounds(tmp_path, config):
+    """dp-example-rounds = 0 means num-server-rounds: more rounds on resume would size σ anew, past the ε target."""
+    private = replace(config, dp="example", dp_example_epsilon=8.0, dp_example_rounds=0, num_server_rounds=5)
+    run_dir = saved_run(tmp_path, private)
+    with pytest.raises(ConfigError, match="sized each client's DP-SGD noise and rounds for 5 rounds; .* "
+                                          "resume with dp-example-rounds = 5"):
+        checkpoint.load(replace(private, resume_from=str(run_dir), num_server_rounds=8))
+    checkpoint.load(replace(private, resume_from=str(run_dir), num_server_rounds=8, dp_example_rounds=5))
+    with pytest.raises(ConfigError, match="resume with dp-example-rounds = 5"):
+        checkpoint.load(replace(private, resume_from=str(run_dir), num_server_rounds=8, dp_example_rounds=3))
+    (tmp_path / "off").mkdir()
+    off = saved_run(tmp_path / "off", config)
+    checkpoint.load(replace(config, resume_from=str(off), num_server_rounds=8, dp_example_rounds=3))  # unused: dp off
+
+
 def test_resume_needs_rounds_left_and_a_checkpoint(tmp_path, config):
     run_dir = saved_run(tmp_path, config, rounds=4)
     with pytest.raises(ConfigError, match="already done 4 rounds; set num-server-rounds to the total wanted"):

@@ -54,9 +54,10 @@ def test_the_same_seed_trains_the_same_private_model(private):
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
 
-def replies_of(round_rows):
+def replies_of(round_rows, partitions=None):
     return [train_reply({"w": torch.zeros(2).numpy()}, node, {"num-examples": 10, "dp-noise-multiplier": s,
-                                                              "dp-sample-rate": q, "dp-steps": k, "dp-epsilon": 1.0})
+                                                              "dp-sample-rate": q, "dp-steps": k, "dp-epsilon": 1.0,
+                                                              "partition-id": (partitions or {}).get(node, -1)})
             for node, (s, q, k) in round_rows.items()]
 
 
@@ -74,6 +75,26 @@ def test_the_ledger_composes_each_clients_rounds_and_reports_the_worst_client(pr
     resumed.load_state_dict(ledger.state_dict())
     after = resumed.record_round({"dp-replies": dp_sgd_rounds(replies_of({7: m}))})  # a new node ID after the resume
     assert after["epsilon"] == pytest.approx(dp_sgd_epsilon([m, m, m], ledger.delta))  # never an undercount
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_rounds_of_two_nodes_on_one_partition_compose_as_one_clients_data(private):
+    """Nodes 1 and 2 trained partition 3's examples (more nodes than partitions): its ε composes both rounds."""
+    ledger = ExampleLedger(private, pool_size=1000)
+    m = (1.0, 0.1, 10)
+    shared = ledger.record_round({"dp-replies": dp_sgd_rounds(replies_of({1: m, 2: m}, partitions={1: 3, 2: 3}))})
+    assert shared["epsilon"] == pytest.approx(dp_sgd_epsilon([m, m], ledger.delta))
+    apart = ExampleLedger(private, pool_size=1000).record_round(
+        {"dp-replies": dp_sgd_rounds(replies_of({1: m, 2: m}, partitions={1: 3, 2: 4}))})
+    assert apart["epsilon"] == pytest.approx(dp_sgd_epsilon([m], ledger.delta))
+
+
+def test_a_budget_for_more_rounds_than_the_run_has_is_warned_of_at_start(private, caplog):
+    with caplog.at_level("WARNING"):
+        ExampleLedger(replace(private, dp_example_rounds=5, num_server_rounds=5), pool_size=1000)
+        assert "dp-example-rounds" not in caplog.text
+        ExampleLedger(replace(private, dp_example_rounds=50, num_server_rounds=8), pool_size=1000)
+    assert "dp-example-rounds = 50 is more than num-server-rounds = 8" in caplog.text
 
 
 def test_noise_multiplier_zero_in_a_report_is_no_privacy_at_all():

@@ -1,5 +1,6 @@
 """The server strategy: FedAvg's n_i/n weighting, partitions handed to nodes, distillation wired in."""
 
+import logging
 import random
 import time
 
@@ -183,7 +184,7 @@ def test_when_the_registration_order_disagrees_with_an_answer_every_node_is_aske
 
 
 def test_with_an_example_dp_budget_a_partition_trains_at_most_its_rounds_and_a_round_shrinks_when_few_are_left(
-        make_strategy):
+        make_strategy, caplog):
     """dp-example-rounds = 1: 6 nodes, half a round. Rounds 1 and 2 train 3 partitions each, all different; round 3
     finds none left and trains none; the count goes with the partition into a resumed run."""
     from server.sampling import TrainingBudget
@@ -191,11 +192,25 @@ def test_with_an_example_dp_budget_a_partition_trains_at_most_its_rounds_and_a_r
     grid = FakeGrid([11, 22, 33, 44, 55, 66])
     strategy = make_strategy(fraction_train=0.5, sampling_seed=0, budget=TrainingBudget(1))
     rounds = [{m.content["config"]["partition-id"] for m in strategy.configure_train(r, ZEROS, ConfigRecord({}), grid)}
-              for r in (1, 2, 3)]
-    assert len(rounds[0]) == len(rounds[1]) == 3 and not rounds[0] & rounds[1] and rounds[2] == set()
+              for r in (1, 2)]
+    assert len(rounds[0]) == len(rounds[1]) == 3 and not rounds[0] & rounds[1]
+    with caplog.at_level(logging.WARNING):
+        assert strategy.configure_train(3, ZEROS, ConfigRecord({}), grid) == []
+    assert "round 3 trains 0 nodes, not 3: only 0 partitions have a round left of dp-example-rounds = 1" in caplog.text
     resumed = make_strategy(fraction_train=0.5, budget=TrainingBudget(2))
     resumed.load_partition_state(strategy.partition_state())
     assert resumed.budget.trained == {p: 1 for p in range(6)}
     assert len(resumed.configure_train(4, ZEROS, ConfigRecord({}), grid)) == 3  # each has a round left of 2
     unbudgeted = make_strategy(fraction_train=0.5, sampling_seed=0)
     assert all(len(unbudgeted.configure_train(r, ZEROS, ConfigRecord({}), grid)) == 3 for r in (1, 2, 3))
+
+
+def test_with_an_example_dp_budget_two_nodes_on_one_partition_never_train_in_the_same_round(make_strategy):
+    """4 nodes on 2 partitions (they wrap around), every node asked, 2 rounds each: one node per partition a round."""
+    from server.sampling import TrainingBudget
+
+    grid = FakeGrid([11, 22, 33, 44])
+    strategy = make_strategy(fraction_train=1.0, num_partitions=2, budget=TrainingBudget(2))
+    rounds = [sorted(m.content["config"]["partition-id"] for m in strategy.configure_train(r, ZEROS, ConfigRecord({}),
+                                                                                           grid)) for r in (1, 2, 3)]
+    assert rounds == [[0, 1], [0, 1], []] and strategy.budget.trained == {0: 2, 1: 2}
