@@ -52,14 +52,13 @@ EXAMPLE_PROTOCOL = 'dataset="mnist-5k" fraction-train=0.4 distill-steps=50 deliv
 # DP-sized: the tiny family (13k weights), full-batch DP-SGD for 20 local epochs, each client's budget spread
 # over the 2 rounds it trains in (20 clients x 2 = the 5 rounds x 8 a round), δ = 1/n for its n = 150 examples
 DP_SIZED = 'model-families="tiny" batch-size=150 local-epochs=20 lr=0.2'
+DP_SIZED_EXAMPLE = f'dp="example" dp-example-epsilon=8 dp-example-rounds=2 dp-delta=0.0066 {DP_SIZED}'
 EXAMPLE_SETTINGS = {
     "dp off": 'dp="off" local-epochs=1',
     "example, target ε 8": 'dp="example" dp-example-epsilon=8 local-epochs=1',
     "tiny, full batch, 20 epochs, dp off": f'dp="off" {DP_SIZED}',
-    "tiny, full batch, 20 epochs, example ε 8 over 2 rounds, δ 1/n":
-        f'dp="example" dp-example-epsilon=8 dp-example-rounds=2 dp-delta=0.0066 {DP_SIZED}',
-    "the same, FedDF's fuse-back": f'dp="example" dp-example-epsilon=8 dp-example-rounds=2 dp-delta=0.0066 '
-                                   f'distill="ensemble" distill-target="both" {DP_SIZED}',
+    "tiny, full batch, 20 epochs, example ε 8 over 2 rounds, δ 1/n": DP_SIZED_EXAMPLE,
+    "the same, FedDF's fuse-back": f'{DP_SIZED_EXAMPLE} distill="ensemble" distill-target="both"',
 }
 KNOBS = {  # name -> (overrides on EXAMPLE_PROTOCOL, clients): what was tried against the example part's gap
     "small, dp off": ('model-families="small" dp="off"', 20),

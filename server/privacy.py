@@ -46,6 +46,7 @@ from flwr.supercore.privacy_accounting import (
 
 from common import data
 from common.config import ConfigError, RunConfig
+from server.validation import OWN_DATA
 
 
 def _accountant(delta: float, population: int):
@@ -222,7 +223,7 @@ def dp_sgd_rounds(replies: Iterable[Message]) -> list[dict]:
             continue
         for record in reply.content.metric_records.values():
             if all(key in record for key in DP_SGD_KEYS):
-                rows.append({"node-id": reply.metadata.src_node_id, "partition-id": int(record.get("partition-id", -1)),
+                rows.append({"node-id": reply.metadata.src_node_id, "partition-id": int(record.get("partition-id", OWN_DATA)),
                              **{k: record[k] for k in DP_SGD_KEYS}, "dp-epsilon": record.get("dp-epsilon", math.inf)})
                 break
     return rows
@@ -254,8 +255,8 @@ class ExampleLedger:
     def record_round(self, stats: dict) -> dict:
         """The privacy block of this round's metrics line."""
         for reply in stats.get("dp-replies", []):
-            data = (f"partition {reply['partition-id']}" if int(reply.get("partition-id", -1)) >= 0
-                    else f"node {reply['node-id']}")
+            data = (f"node {reply['node-id']}" if reply["partition-id"] == OWN_DATA
+                    else f"partition {reply['partition-id']}")
             self.history.setdefault(data, []).append(
                 (float(reply["dp-noise-multiplier"]), float(reply["dp-sample-rate"]), int(reply["dp-steps"])))
         worst = self._worst()

@@ -146,8 +146,13 @@ def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random, 
     simulation Ray shares the ServerApp's process and draws from the module's
     generator at times that vary between runs (``ray/_private/gcs_pubsub.py``).
     """
-    size = min(len(nodes), max(int((len(nodes) if out_of is None else out_of) * fraction), minimum))
+    size = min(len(nodes), sample_size(len(nodes) if out_of is None else out_of, fraction, minimum))
     return rng.sample(nodes, size)
+
+
+def sample_size(count: int, fraction: float, minimum: int) -> int:
+    """How many of ``count`` nodes a round asks: ``fraction`` of them, at least ``minimum``, at most all."""
+    return min(count, max(int(count * fraction), minimum))
 
 
 class TrainingBudget:
@@ -169,9 +174,9 @@ class TrainingBudget:
     def left(self, nodes: list[int], partition_of: dict[int, int]) -> list[int]:
         """Of ``nodes``, one per partition (``partition_of[node]``; the lowest node ID) whose partition has a
         round left: two nodes on one partition would release its examples twice in one round."""
-        first = {}
-        for node in sorted(nodes, reverse=True):
-            first[partition_of[node]] = node
+        first: dict[int, int] = {}
+        for node in sorted(nodes):
+            first.setdefault(partition_of[node], node)
         return sorted(node for partition, node in first.items() if self.trained.get(partition, 0) < self.rounds)
 
     def charge(self, nodes: list[int], partition_of: dict[int, int]) -> None:

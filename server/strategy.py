@@ -27,7 +27,7 @@ from server.distillation import ServerDistillation
 from server.families import ModelFamilies, family_roster, family_stats
 from server.fusion_check import Asked, FusionCheck
 from server.privacy import dp_sgd_rounds
-from server.sampling import SampledGrid, TrainingBudget, ask_nodes, sample, wait_for_nodes
+from server.sampling import SampledGrid, TrainingBudget, ask_nodes, sample, sample_size, wait_for_nodes
 from server.validation import OWN_DATA, ExampleCounts, clip_update
 
 
@@ -166,14 +166,15 @@ class DistillStrategy(Strategy):
         connected = [node for node in connected if node not in self.left_out]
         self._node_wait = time.perf_counter() - waited  # includes asking new nodes their partition
         budgeted = message_type == MessageType.TRAIN and self.budget is not None
-        data = {node: self.partition_of[node] % self.num_partitions for node in connected}  # which data it trains
+        if budgeted:  # which data each node trains: its partition's rounds are the budget
+            data = {node: self.partition_of[node] % self.num_partitions for node in connected}
         candidates = self.budget.left(connected, data) if budgeted else connected
         # Sampled in partition order, not by node ID (new in every run): a seed repeats which data trains.
         chosen = sample(sorted(candidates, key=lambda node: (self.partition_of[node], node)), fraction, minimum,
                         self.rng, out_of=len(connected))
         log(INFO, "%s: sampled %d nodes (out of %d%s)", message_type, len(chosen), len(connected),
             f"; {len(candidates)} with dp-example-rounds left" if budgeted else "")
-        if budgeted and len(chosen) < (wanted := min(len(connected), max(int(len(connected) * fraction), minimum))):
+        if budgeted and len(chosen) < (wanted := sample_size(len(connected), fraction, minimum)):
             log(WARNING, "fl-distill: round %d trains %d nodes, not %d: only %d partitions have a round left of "
                 "dp-example-rounds = %d (each client's DP budget); raise it, or lower fraction-train or "
                 "num-server-rounds", server_round + self.round_offset, len(chosen), wanted, len(candidates),
